@@ -1,0 +1,121 @@
+"""Using an exported artifact from the command line: load it, sample from it, score a text."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from training.data import CorpusError, Vocab
+from training.export import ARTIFACT_FORMAT, jit_deprecation_accepted
+
+
+class ArtifactError(ValueError):
+    """The file is not a chargen artifact this version can use."""
+
+
+@dataclass
+class Artifact:
+    module: torch.jit.ScriptModule
+    meta: dict[str, Any]
+    vocab: Vocab
+
+
+def load_artifact(path: str) -> Artifact:
+    if not Path(path).is_file():
+        raise ArtifactError(f"model file not found: {path}")
+    extra = {"meta.json": ""}
+    try:
+        with jit_deprecation_accepted():
+            module = torch.jit.load(path, map_location="cpu", _extra_files=extra)
+    except (RuntimeError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ArtifactError(f"{path} is not a TorchScript chargen model ({first_line})") from None
+    try:
+        meta = json.loads(extra["meta.json"])
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{path} is not a chargen model (no {ARTIFACT_FORMAT} meta.json)")
+    module.eval()
+    return Artifact(module=module, meta=meta, vocab=Vocab(list(meta["vocab"])))
+
+
+def sample_next(
+    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
+) -> int:
+    """One id from logits [V]: greedy at temperature 0, else top-k then nucleus (top-p) sampling."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one character)
+        drop = torch.cumsum(sorted_probs, 0) - sorted_probs >= top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate(
+    artifact: Artifact,
+    prompt: str,
+    length: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> Iterator[str]:
+    """Yield `length` sampled characters, one at a time, after feeding the prompt."""
+    model, vocab = artifact.module, artifact.vocab
+    generator = torch.Generator()
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    h, c = model.init_state(1)
+    if prompt:
+        logits, h, c = model.forward(vocab.encode(prompt).unsqueeze(0), h, c)
+        last = logits[0, -1]
+    else:  # no context: start as if after a newline when there is one, else from zero state
+        start = vocab.index.get("\n", 0)
+        last, h, c = model.step(torch.tensor([start]), h, c)
+        last = last[0]
+    for _ in range(length):
+        next_id = sample_next(last, temperature, top_k, top_p, generator)
+        yield vocab.chars[next_id]
+        logits, h, c = model.step(torch.tensor([next_id]), h, c)
+        last = logits[0]
+
+
+@torch.inference_mode()
+def score_text(artifact: Artifact, text: str, seq_len: int = 256, streams: int = 64) -> tuple[float, int]:
+    """(mean nats/char, characters scored) of predicting text[1:] from text[:-1], state carried."""
+    ids = artifact.vocab.encode(text)  # raises CorpusError naming the unknown characters
+    if len(ids) < 2:
+        raise CorpusError("need at least 2 characters to score")
+    model = artifact.module
+    inputs, targets = ids[:-1], ids[1:]
+    rows = max(1, min(streams, len(inputs) // seq_len))
+    width = len(inputs) // rows
+    x_rows, y_rows = inputs[: rows * width].view(rows, width), targets[: rows * width].view(rows, width)
+    h, c = model.init_state(rows)
+    total = 0.0
+    for start in range(0, width, seq_len):
+        logits, h, c = model.forward(x_rows[:, start : start + seq_len], h, c)
+        y = y_rows[:, start : start + seq_len]
+        total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+    tail = inputs[rows * width :]
+    if len(tail):
+        logits, _, _ = model.forward(tail.unsqueeze(0), h[:, -1:], c[:, -1:])
+        total += float(F.cross_entropy(logits[0], targets[rows * width :], reduction="sum"))
+    return total / len(targets), len(targets)

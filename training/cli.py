@@ -1,0 +1,202 @@
+"""The `chargen` command: train, export, sample, eval, serve.
+
+Every user error (bad corpus, bad config, not an artifact, unknown characters) ends as one line on
+stderr and exit code 2, with nothing overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import NoReturn
+
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the job was stopped, its checkpoint is resumable
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        fail(f"{self.prog}: {message} (see --help)")
+
+
+def fail(message: str) -> NoReturn:
+    print(f"chargen: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    from training.config import TrainConfig
+
+    p = subparsers.add_parser("train", help="train a model; exports OUT/model.pt at the end")
+    p.add_argument("--config", help="TOML file of TrainConfig fields (CLI flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out if it has a checkpoint")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        default = getattr(defaults, f.name)
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            type=type(default),
+            default=None,
+            help=f"(default {default!r})",
+        )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.config import TrainConfig, load_config
+    from training.distributed import teardown
+    from training.export import export
+    from training.train import RunFiles, train
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    config = load_config(args.config, overrides)
+    files = RunFiles(Path(config.out))
+    if args.resume and not files.last.exists():
+        print(f"chargen: no checkpoint in {files.out}; starting a new run", file=sys.stderr)
+
+    # SIGTERM (preemption, `docker stop`): finish the current step, checkpoint, exit resumable.
+    terminated = False
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        nonlocal terminated
+        terminated = True
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        result = train(config, resume=args.resume, should_stop=lambda step: terminated)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        teardown()
+    if result.interrupted:
+        return EXIT_PREEMPTED
+    if not result.is_main:  # under torchrun, rank 0 alone exports
+        return 0
+    meta = export(result.checkpoint, files.model)
+    print(
+        f"exported {files.model}: val {meta['val_loss_nats']:.4f} nats/char, {meta['val_bpc']:.4f} bits/char "
+        f"after {meta['train_steps']} steps",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.export import export
+
+    if not Path(args.checkpoint).is_file():
+        raise UsageError(f"checkpoint not found: {args.checkpoint}")
+    meta = export(args.checkpoint, args.output)
+    print(f"wrote {args.output} ({meta['params']:,} params, fingerprint {meta['fingerprint'][:19]})")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from training.artifact import generate, load_artifact
+
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    artifact = load_artifact(args.model)
+    unknown = artifact.vocab.unknown(args.prompt)
+    if unknown:
+        shown = ", ".join(repr(ch) for ch in unknown[:10])
+        raise UsageError(f"--prompt has characters the model does not know: {shown}")
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    for ch in generate(artifact, args.prompt, args.length, args.temperature, args.top_k, args.top_p, args.seed):
+        out.write(ch)
+        out.flush()  # stream: each character appears as it is sampled
+    out.write("\n")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from training.artifact import load_artifact, score_text
+    from training.data import TRAIN_FRACTION, load_corpus
+    from training.train import LN2
+
+    artifact = load_artifact(args.model)
+    corpus = load_corpus(args.corpus)
+    text = corpus.text
+    if corpus.named:  # a named corpus is scored on its validation split, as in training
+        text = text[int(len(text) * TRAIN_FRACTION) :]
+    nats, count = score_text(artifact, text)
+    part = "validation split of " if corpus.named else ""
+    print(f"{part}{corpus.name}: {count:,} chars, {nats:.4f} nats/char, {nats / LN2:.4f} bits/char")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from service.main import run
+    except ImportError as err:
+        raise UsageError(f"the service is not available in this install ({err})") from None
+    return run(host=args.host, port=args.port, model=args.model)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="chargen", description="Character-level Graves LSTM: train, export, sample, serve.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_train_parser(sub)
+
+    p = sub.add_parser("export", help="write a TorchScript artifact from a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("-o", "--output", required=True)
+
+    p = sub.add_parser("sample", help="stream sampled text from an artifact")
+    p.add_argument("model")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--length", type=positive_int, default=500)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+    p = sub.add_parser("eval", help="loss in nats and bits/char of an artifact on a text")
+    p.add_argument("model")
+    p.add_argument("--corpus", required=True, help="a UTF-8 file, or tinyshakespeare (its validation split)")
+
+    p = sub.add_parser("serve", help="run the HTTP service")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--model", default=None, help="artifact to serve (default: the bundled model)")
+    return parser
+
+
+COMMANDS = {"train": cmd_train, "export": cmd_export, "sample": cmd_sample, "eval": cmd_eval, "serve": cmd_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.artifact import ArtifactError
+    from training.config import ConfigError
+    from training.data import CorpusError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, ArtifactError, ConfigError, CorpusError) as err:
+        fail(str(err))
+    except BrokenPipeError:  # `chargen sample ... | head`
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

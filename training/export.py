@@ -1,0 +1,97 @@
+"""Checkpoint -> TorchScript artifact with meta.json: the only thing the service ever loads.
+
+The artifact holds the scripted CharLSTM (forward, step, init_state, inspect) and an extra file
+``meta.json`` describing the vocabulary, the architecture, the corpus and the validation loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.model import CharLSTM, ModelConfig, count_parameters
+from training.train import LN2, atomic_write_bytes, load_checkpoint
+
+ARTIFACT_FORMAT = "chargen-lstm/1"
+ARTIFACT_METHODS = ("forward", "step", "init_state", "inspect")
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's name, shape and bytes: identifies these exact weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+@contextmanager
+def jit_deprecation_accepted() -> Iterator[None]:
+    """torch.jit is deprecated in favour of torch.export, but TorchScript is the format that loads
+    with no Python source (the service never imports this package); the warning has nothing for
+    us to act on, so it is silenced here and only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
+        yield
+
+
+def script(model: CharLSTM) -> torch.jit.ScriptModule:
+    with jit_deprecation_accepted():
+        return torch.jit.script(model)
+
+
+def build_meta(model: CharLSTM, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    val = checkpoint["best_val_loss"]
+    finite = val is not None and math.isfinite(val)
+    train_config = checkpoint["config"]
+    return {
+        "format": ARTIFACT_FORMAT,
+        # the scripted methods, so a reader can tell a newer export from an older one of the
+        # same format (artifacts before "inspect" have no "methods" key)
+        "methods": list(ARTIFACT_METHODS),
+        "vocab": checkpoint["vocab"],
+        "layers": model.layers,
+        "hidden": model.hidden,
+        "peepholes": True,
+        "skip_connections": {"input_to_every_layer": True, "every_layer_to_output": True},
+        "params": count_parameters(model),
+        "corpus": checkpoint["corpus"],
+        "val_loss_nats": val if finite else None,
+        "val_bpc": val / LN2 if finite else None,
+        "train_steps": checkpoint["step"],
+        "train_config": {k: v for k, v in train_config.items() if k not in ("out", "device", "corpus")},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "torch_version": str(torch.__version__),
+        "fingerprint": fingerprint(model),
+    }
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> CharLSTM:
+    config = ModelConfig(**checkpoint["model_config"])
+    model = CharLSTM(config)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
+def export(checkpoint_path: str | Path, out_path: str | Path) -> dict[str, Any]:
+    """Write the TorchScript artifact (atomically) and return its meta."""
+    checkpoint = load_checkpoint(Path(checkpoint_path))
+    model = model_from_checkpoint(checkpoint)
+    meta = build_meta(model, checkpoint)
+    scripted = script(model)
+    extra = {"meta.json": json.dumps(meta, indent=1, ensure_ascii=False)}
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with jit_deprecation_accepted():
+        atomic_write_bytes(out, lambda tmp: torch.jit.save(scripted, str(tmp), _extra_files=extra))
+    return meta
