@@ -1,0 +1,54 @@
+"""FastAPI dependencies: the objects the lifespan put on app.state, injected into routes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.artifact import LoadedModel
+from service.engine import Engine
+from service.errors import ApiError
+from service.generation import Generations
+from service.metrics import Metrics
+from service.settings import Settings
+from service.state_store import SessionStore
+
+
+def _state(request: Request, name: str) -> object:
+    value = getattr(request.app.state, name, None)
+    if value is None:
+        raise ApiError(503, "the service is starting up", None, "not_ready")
+    return value
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_model(request: Request) -> LoadedModel:
+    return _state(request, "model")  # type: ignore[return-value]
+
+
+def get_engine(request: Request) -> Engine:
+    return _state(request, "engine")  # type: ignore[return-value]
+
+
+def get_store(request: Request) -> SessionStore:
+    return _state(request, "store")  # type: ignore[return-value]
+
+
+def get_generations(request: Request) -> Generations:
+    return _state(request, "generations")  # type: ignore[return-value]
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ModelDep = Annotated[LoadedModel, Depends(get_model)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+StoreDep = Annotated[SessionStore, Depends(get_store)]
+GenerationsDep = Annotated[Generations, Depends(get_generations)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]

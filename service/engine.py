@@ -1,0 +1,501 @@
+"""The batching engine: one thread owns the model; every active generation is a row.
+
+Each tick the engine
+1. admits waiting requests as new rows (up to ``max_streams``),
+2. feeds one chunk (``prefill_chunk`` characters) of one prompt, round-robin over the rows still
+   reading their prompt, so a long prompt never stalls the others for more than one chunk,
+3. runs ONE ``step`` over every row that needs a character (up to ``max_batch``), samples each
+   row with its own parameters and PRNG, applies its stop strings, and
+4. hands the new text to the event loop in one thread-safe call.
+
+State representation. A row's state is (h, c) after all of its text but the last character, plus
+that last character, "pending", not yet fed. Feeding the pending character gives the distribution
+of the next one. This is also exactly what a session stores, so the state "after the text returned
+so far" is available after every tick with no extra model step: the engine keeps these snapshots
+(references into each tick's output tensors, no copies) from the last character the client was
+sent onwards, and a stop string or a client disconnect rewinds to the right one.
+
+Batch invariance. MKL picks different matrix kernels for 1, 2-3 and >= 4 rows, which changes
+the last bits of the results (all sizes >= 4 agree bit for bit). A step that carries a
+reproducible row (seeded, greedy or top-k 1) is therefore padded to ``step_min_rows`` (4) rows,
+and prompts are fed one row at a time, so such a row's numbers, and with per-row PRNGs its text,
+never depend on which other streams share its batches. Steps of only unseeded sampling rows are
+not padded: their text is random anyway, a last-bit difference in the logits cannot be told from
+another draw, and a lone stream then pays the 1-row price (about half the 4-row one).
+``check_batch_invariance`` verifies the padded case for the loaded model at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from service.artifact import LoadedModel
+from service.metrics import Metrics
+from service.sampling import BatchParams, SamplingParams, sample_batch, sample_row
+from service.state_codec import SessionState, encode_state
+
+log = logging.getLogger("chargen.engine")
+
+SMALL_BATCH = 4  # up to this many unseeded rows are sampled in plain Python (`sample_row`)
+
+
+class EngineFull(RuntimeError):
+    """Every row and every queue slot is taken."""
+
+
+class EngineStopped(RuntimeError):
+    pass
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_chars: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    state: SessionState | None = None  # None: start from the model's initial state
+    auto_ack: bool = True  # True: not streamed; text counts as delivered as soon as it is produced
+    want_state: bool = False  # encode the final state (for sessions)
+
+
+@dataclass
+class Finished:
+    reason: str  # "length" | "stop" | "cancelled" | "error"
+    completion_chars: int  # characters returned to the client (cancelled: those it was sent)
+    chars_consumed: int  # the session's whole text length after this request
+    state: bytes | None  # encoded session state; None when not wanted or nothing changed
+    error: str | None = None
+
+
+class StreamHandle:
+    """The event loop's end of one generation: text pieces, then one Finished."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.text: asyncio.Queue[str | None] = asyncio.Queue()
+        self.finished: asyncio.Future[Finished] = asyncio.get_running_loop().create_future()
+        self.acked = 0  # characters the client was sent; written by the loop, read by the engine
+        self.cancelled = False
+
+    def ack(self, chars: int) -> None:
+        self.acked += chars
+        self._engine.wake()
+
+    def cancel(self) -> None:
+        if not self.cancelled and not self.finished.done():
+            self.cancelled = True
+            self._engine.wake()
+
+    def _finish(self, result: Finished) -> None:
+        self.text.put_nowait(None)
+        if not self.finished.done():
+            self.finished.set_result(result)
+
+
+class _Row:
+    """One generation inside the engine thread."""
+
+    __slots__ = (
+        "c_src",
+        "consumed_base",
+        "decoding",
+        "emitted",
+        "fed",
+        "generated",
+        "h_src",
+        "handle",
+        "held",
+        "idx",
+        "last_char_at",
+        "max_new",
+        "params",
+        "pending",
+        "reproducible",
+        "req",
+        "rng",
+        "snap_base",
+        "snaps",
+        "stop",
+        "to_prefill",
+    )
+
+    def __init__(
+        self,
+        handle: StreamHandle,
+        req: GenerationRequest,
+        h: Tensor,
+        c: Tensor,
+        pending: int,
+        to_prefill: list[int],
+        consumed_base: int,
+    ) -> None:
+        self.handle = handle
+        self.req = req
+        self.params = req.params
+        self.stop = req.stop
+        self.max_new = req.max_new_chars
+        self.rng = req.params.rng()
+        # its text must not depend on the batch, so its steps are padded (see module docstring)
+        p = req.params
+        self.reproducible = p.seed is not None or p.greedy or p.top_k == 1
+        self.h_src, self.c_src, self.idx = h, c, 0  # state = h_src[:, idx], c_src[:, idx]
+        self.pending = pending
+        self.to_prefill = to_prefill
+        self.fed = 0
+        self.decoding = False  # True once the prompt is fed
+        self.consumed_base = consumed_base
+        self.generated = 0
+        self.emitted = 0
+        self.held = ""  # generated text that may be the start of a stop string
+        self.snaps: deque[tuple[Tensor, Tensor, int, int]] = deque()  # state after snap_base + k chars
+        self.snap_base = 0
+        self.last_char_at = 0.0
+
+    def delivered(self) -> int:
+        return self.emitted if self.req.auto_ack else min(self.handle.acked, self.emitted)
+
+
+def check_batch_invariance(model: LoadedModel, min_rows: int, max_batch: int) -> bool:
+    """True if a row's step output is bit-identical alone (padded) and inside the largest batch."""
+    m = model.module
+    big = max(min_rows, max_batch) + 3
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        h = torch.randn(model.layers, big, model.hidden, generator=gen) * 0.5
+        c = torch.randn(model.layers, big, model.hidden, generator=gen)
+        tokens = torch.randint(0, len(model.vocab), (big,), generator=gen)
+        small = m.step(tokens[:min_rows], h[:, :min_rows].contiguous(), c[:, :min_rows].contiguous())
+        # the same rows at the end of a big batch
+        perm = torch.cat([torch.arange(min_rows, big), torch.arange(min_rows)])
+        full = m.step(tokens[perm], h[:, perm].contiguous(), c[:, perm].contiguous())
+        tail = slice(big - min_rows, big)
+        return bool(
+            torch.equal(small[0], full[0][tail])
+            and torch.equal(small[1], full[1][:, tail])
+            and torch.equal(small[2], full[2][:, tail])
+        )
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LoadedModel,
+        metrics: Metrics,
+        *,
+        max_streams: int = 64,
+        max_queue: int = 64,
+        max_batch: int = 64,
+        step_min_rows: int = 4,
+        prefill_chunk: int = 64,
+        stream_window: int = 64,
+        torch_threads: int = 1,
+    ) -> None:
+        self.model = model
+        self.metrics = metrics
+        self.max_streams = max_streams
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.step_min_rows = step_min_rows
+        self.prefill_chunk = prefill_chunk
+        self.stream_window = stream_window
+        self.torch_threads = torch_threads
+        self.batch_invariant: bool | None = None
+        self._inbox: deque[tuple[StreamHandle, GenerationRequest]] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_flight = 0  # submitted and not yet finished; touched only on the event loop
+        # engine-thread state
+        self._rows: list[_Row] = []
+        self._prefilling: deque[_Row] = deque()
+        self._events: list[tuple[StreamHandle, str | Finished]] = []
+        self._rotate = 0
+        self._last_batch: list[_Row] = []
+        self._last_h: Tensor | None = None
+        self._last_c: Tensor | None = None
+        self._last_params: BatchParams | None = None
+        self._pad_cache: dict[int, tuple[Tensor, Tensor]] = {}
+
+    # ---- event-loop side -------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.batch_invariant = check_batch_invariance(self.model, self.step_min_rows, self.max_batch)
+        if not self.batch_invariant:
+            log.warning(
+                "batched steps are not bit-identical to padded single-row steps on this machine: "
+                "seeded output may differ in rare near-ties depending on concurrent streams"
+            )
+        self._thread = threading.Thread(target=self._run, name="chargen-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def submit(self, req: GenerationRequest) -> StreamHandle:
+        """Queue a generation; raises EngineFull past max_streams + max_queue (call on the loop)."""
+        if not self.alive:
+            raise EngineStopped("the engine is not running")
+        if self._in_flight >= self.max_streams + self.max_queue:
+            raise EngineFull(
+                f"{self._in_flight} generations running or queued (limit "
+                f"{self.max_streams} running + {self.max_queue} queued)"
+            )
+        handle = StreamHandle(self)
+        self._in_flight += 1
+        self._inbox.append((handle, req))
+        self.metrics.queue_length.set(len(self._inbox))
+        self._wake.set()
+        return handle
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish every row as cancelled (saving what was sent) and join the thread."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _deliver(self, events: list[tuple[StreamHandle, str | Finished]]) -> None:
+        for handle, item in events:
+            if isinstance(item, str):
+                handle.text.put_nowait(item)
+            else:
+                self._in_flight -= 1
+                handle._finish(item)
+
+    # ---- engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_num_threads(self.torch_threads)  # intra-op threads are per calling thread in OpenMP
+        with torch.inference_mode():
+            while not self._stopping:
+                self._wake.clear()
+                try:
+                    worked = self._tick()
+                except Exception:  # a bug or a broken model must not kill the thread silently
+                    log.exception("engine tick failed; failing its rows")
+                    for row in list(self._rows):
+                        self._finish(row, "error", row.delivered(), error="internal error in the engine")
+                    self._prefilling.clear()
+                    self._last_batch = []
+                    worked = True
+                self._flush()
+                if not worked and not self._stopping:
+                    self._wake.wait(1.0)  # submit, ack, cancel and stop set it
+            for row in list(self._rows):
+                self._finish(row, "cancelled", row.delivered(), error="the service is shutting down")
+            while self._inbox:
+                handle, _ = self._inbox.popleft()
+                self._events.append((handle, Finished("cancelled", 0, 0, None, "the service is shutting down")))
+            self._flush()
+
+    def _tick(self) -> bool:
+        started = time.perf_counter()
+        self._admit()
+        self._reap_cancelled()
+        worked = False
+        if self._prefilling:
+            self._prefill_chunk()
+            worked = True
+        window = self.stream_window
+        # rows still reading their prompt are not ready; rows too far ahead of their client wait
+        ready = [r for r in self._rows if r.decoding and r.emitted - r.delivered() < window]
+        if ready:
+            self._decode(ready)
+            worked = True
+        if worked:
+            self.metrics.tick_seconds.observe(time.perf_counter() - started)
+        self.metrics.streams_running.set(len(self._rows))
+        self.metrics.queue_length.set(len(self._inbox))
+        return worked
+
+    def _admit(self) -> None:
+        model = self.model
+        while self._inbox and len(self._rows) < self.max_streams:
+            handle, req = self._inbox.popleft()
+            state = req.state
+            if state is not None:
+                h = torch.from_numpy(np.ascontiguousarray(state.h)).unsqueeze(1)
+                c = torch.from_numpy(np.ascontiguousarray(state.c)).unsqueeze(1)
+                pending, consumed = state.pending, state.chars_consumed
+            else:
+                h, c = model.module.init_state(1)
+                pending, consumed = -1, 0
+            feed = ([pending] if pending >= 0 else []) + req.prompt_ids
+            if not feed and req.max_new_chars == 0:  # nothing to read, nothing to write: unchanged
+                blob = self._encode(h, c, 0, pending, consumed) if req.want_state else None
+                self._events.append((handle, Finished("length", 0, consumed, blob)))
+                continue
+            if not feed:  # no text at all: start from a newline, as `chargen sample` does
+                feed = [model.start_id]
+            row = _Row(handle, req, h, c, feed[-1], feed[:-1], consumed + len(req.prompt_ids))
+            self._rows.append(row)
+            if row.to_prefill:
+                self._prefilling.append(row)
+            else:
+                self._ready(row)
+
+    def _ready(self, row: _Row) -> None:
+        """The prompt is fed: record snapshot 0, or finish at once when nothing is to be generated."""
+        row.decoding = True
+        row.snaps.append((row.h_src, row.c_src, row.idx, row.pending))
+        row.last_char_at = time.perf_counter()
+        if row.max_new == 0:
+            self._finish(row, "length", 0)
+
+    def _reap_cancelled(self) -> None:
+        for row in [r for r in self._rows if r.handle.cancelled]:
+            if not row.decoding:  # the prompt is not fed yet: leave the session as it was
+                with contextlib.suppress(ValueError):
+                    self._prefilling.remove(row)
+                self._finish(row, "cancelled", 0, state_override=False)
+            else:
+                self._finish(row, "cancelled", row.delivered())
+
+    def _prefill_chunk(self) -> None:
+        row = self._prefilling[0]
+        chunk = row.to_prefill[row.fed : row.fed + self.prefill_chunk]
+        h = row.h_src[:, row.idx : row.idx + 1]
+        c = row.c_src[:, row.idx : row.idx + 1]
+        # one row at a time: its numbers never depend on other streams (see module docstring)
+        _, row.h_src, row.c_src = self.model.module.forward(torch.tensor([chunk]), h, c)
+        row.idx = 0
+        row.fed += len(chunk)
+        self._prefilling.popleft()
+        if row.fed < len(row.to_prefill):
+            self._prefilling.append(row)  # round-robin with the other prompts
+        else:
+            self._ready(row)
+
+    def _padding(self, rows: int) -> tuple[Tensor, Tensor]:
+        if rows not in self._pad_cache:
+            self._pad_cache[rows] = self.model.module.init_state(rows)
+        return self._pad_cache[rows]
+
+    def _decode(self, ready: list[_Row]) -> None:
+        if len(ready) > self.max_batch:  # more rows than one step takes: rotate who goes first
+            start = self._rotate % len(ready)
+            ready = (ready[start:] + ready[:start])[: self.max_batch]
+            self._rotate += self.max_batch
+        batch = ready
+        n = len(batch)
+        exact = any(r.reproducible for r in batch)
+        pad = max(0, self.step_min_rows - n) if exact else 0
+        same = batch == self._last_batch and self._last_h is not None
+        if same:  # steady state: last tick's output is this tick's input, no gathering
+            h, c = self._last_h, self._last_c
+            params = self._last_params
+        else:
+            hs = [r.h_src[:, r.idx : r.idx + 1] for r in batch]
+            cs = [r.c_src[:, r.idx : r.idx + 1] for r in batch]
+            if pad:
+                ph, pc = self._padding(pad)
+                hs.append(ph)
+                cs.append(pc)
+            h, c = torch.cat(hs, dim=1), torch.cat(cs, dim=1)
+            params = BatchParams.of([r.params for r in batch], len(self.model.vocab))
+        tokens = torch.tensor([r.pending for r in batch] + [0] * pad)
+        logits, h2, c2 = self.model.module.step(tokens, h, c)
+        uniforms = [0.0 if r.params.greedy else r.rng.random() for r in batch]
+        assert params is not None
+        if not exact and n <= SMALL_BATCH:  # a few unseeded rows: plain Python beats ~10 torch ops
+            rows = logits.tolist()
+            choices = [sample_row(rows[i], r.params, uniforms[i]) for i, r in enumerate(batch)]
+        else:
+            choices = sample_batch(logits[:n] if pad else logits, params, uniforms)
+        self._last_batch, self._last_h, self._last_c, self._last_params = batch, h2, c2, params
+
+        now = time.perf_counter()
+        vocab = self.model.vocab
+        between = self.metrics.time_between_chars
+        for i, row in enumerate(batch):
+            choice = choices[i]
+            row.h_src, row.c_src, row.idx, row.pending = h2, c2, i, choice
+            row.generated += 1
+            row.snaps.append((h2, c2, i, choice))
+            if row.generated > 1:
+                between.observe(now - row.last_char_at)
+            row.last_char_at = now
+            self._take_char(row, vocab[choice])
+        self.metrics.chars_generated.inc(n)
+        self.metrics.batch_size.observe(n)
+        for row in batch:  # drop snapshots before what the client has been sent
+            keep_from = row.delivered()
+            while row.snap_base < keep_from and len(row.snaps) > 1:
+                row.snaps.popleft()
+                row.snap_base += 1
+
+    def _take_char(self, row: _Row, ch: str) -> None:
+        """Stop strings: hold back text that may start one; a completed one ends the row, unreturned."""
+        if not row.stop:
+            self._emit(row, ch)
+        else:
+            held = row.held + ch
+            for stop in row.stop:
+                if held.endswith(stop):
+                    self._emit(row, held[: len(held) - len(stop)])
+                    row.held = ""
+                    self._finish(row, "stop", row.generated - len(stop))
+                    return
+            cut = len(held)
+            for j in range(len(held)):
+                tail = held[j:]
+                if any(s.startswith(tail) for s in row.stop):
+                    cut = j
+                    break
+            self._emit(row, held[:cut])
+            row.held = held[cut:]
+        if row.generated >= row.max_new:
+            self._emit(row, row.held)
+            row.held = ""
+            self._finish(row, "length", row.generated)
+
+    def _emit(self, row: _Row, text: str) -> None:
+        if text:
+            row.emitted += len(text)
+            self._events.append((row.handle, text))
+
+    def _encode(self, h: Tensor, c: Tensor, idx: int, pending: int, consumed: int) -> bytes:
+        state = SessionState(h=h[:, idx].numpy(), c=c[:, idx].numpy(), pending=pending, chars_consumed=consumed)
+        return encode_state(state, self.model.fingerprint)
+
+    def _finish(
+        self, row: _Row, reason: str, returned: int, error: str | None = None, state_override: bool = True
+    ) -> None:
+        blob = None
+        if row.req.want_state and state_override and row.snaps:
+            h, c, idx, pending = row.snaps[returned - row.snap_base]
+            blob = self._encode(h, c, idx, pending, row.consumed_base + returned)
+        consumed = row.consumed_base + returned if state_override else row.consumed_base - len(row.req.prompt_ids)
+        self._events.append((row.handle, Finished(reason, returned, consumed, blob, error)))
+        self._rows.remove(row)
+        if row in self._last_batch:
+            self._last_batch = []  # the next batch differs: gather afresh
+
+    def _flush(self) -> None:
+        if not self._events:
+            return
+        events, self._events = self._events, []
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed under us at shutdown
+                loop.call_soon_threadsafe(self._deliver, events)

@@ -1,0 +1,236 @@
+"""The app factory and `run` (what `chargen serve` calls)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any
+
+import torch
+import uvicorn
+from fastapi import Depends, FastAPI
+from pydantic import ValidationError
+
+from service.artifact import LoadedModel, ModelLoadError, load_model
+from service.auth import ApiKeys, require_key
+from service.engine import Engine
+from service.errors import ERROR_RESPONSES, install_error_handlers
+from service.generation import Generations
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, DrainingReadinessMiddleware, RequestMetricsMiddleware
+from service.routers import completions, generate, health, inspect, models, playground, sessions
+from service.settings import Settings
+from service.state_store import SessionStore, StoreUnavailable, make_store
+
+log = logging.getLogger("chargen.service")
+
+
+def configure_torch(settings: Settings) -> None:
+    # Measured on the 2-core CI CPU: one intra-op thread per step is fastest (the other core
+    # serves HTTP); oneDNN made no difference for these small matrices, so it stays off.
+    torch.set_num_threads(settings.torch_threads)
+    torch.backends.mkldnn.enabled = settings.mkldnn
+
+
+async def sweep_expired(store: SessionStore, metrics: Metrics, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            expired = await store.sweep_expired()
+        except StoreUnavailable as err:
+            log.warning("cannot sweep expired sessions: %s", err)
+            continue
+        if expired:
+            metrics.sessions_expired.inc(expired)
+
+
+def create_app(settings: Settings | None = None, model: LoadedModel | None = None) -> FastAPI:
+    """The FastAPI app. The model is loaded (off the event loop) at start-up unless given."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = model or await asyncio.to_thread(load_model, settings.model_path, settings.model_id)
+        configure_torch(settings)
+        engine = Engine(
+            loaded,
+            metrics,
+            max_streams=settings.max_streams,
+            max_queue=settings.max_queue,
+            max_batch=settings.max_batch,
+            step_min_rows=settings.step_min_rows,
+            prefill_chunk=settings.prefill_chunk,
+            stream_window=settings.stream_window,
+            torch_threads=settings.torch_threads,
+        )
+        await asyncio.to_thread(engine.start, asyncio.get_running_loop())
+        store = make_store(
+            settings.state_url,
+            settings.session_ttl_s,
+            settings.lease_ms,
+            prefix=settings.redis_prefix,
+            timeout_s=settings.redis_timeout_s,
+        )
+        generations = Generations(engine, store, loaded, settings, metrics)
+        app.state.model, app.state.engine, app.state.store = loaded, engine, store
+        app.state.generations = generations
+        sweeper = asyncio.create_task(sweep_expired(store, metrics, settings.sweep_interval_s))
+        log.info(
+            "serving %s (%s) with sessions in %s",
+            loaded.model_id,
+            loaded.fingerprint[:19],
+            settings.state_url.split("@")[-1],
+        )
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await asyncio.to_thread(engine.stop)
+            await generations.drain()  # rows stopped by the engine save what their clients got
+            await store.close()
+
+    app = FastAPI(
+        title="chargen",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Character-level LSTM text generation with sessions whose state lives in Redis.",
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.api_keys = ApiKeys(settings.api_keys.get_secret_value())
+    install_error_handlers(app)
+    # API routes: the API key check (a no-op without CHARGEN_API_KEYS) and the error responses
+    # they can give, declared for the OpenAPI document. Health, metrics and the playground page
+    # stay open: probes and the page itself need no key (the page's API calls send one).
+    protected = [Depends(require_key)]
+    for router in (generate.router, completions.router, models.router, sessions.router):
+        app.include_router(router, dependencies=protected, responses=ERROR_RESPONSES)
+    app.include_router(health.router)
+    app.include_router(inspect.router, dependencies=protected, responses=ERROR_RESPONSES)  # the LSTM inspector
+    app.include_router(playground.router)  # GET /: the playground page
+    playground.mount_static(app)
+    app.openapi = lambda: accurate_openapi(app)  # type: ignore[method-assign]
+    # added last = outermost: count every request, including those the body limit refuses
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(DrainingReadinessMiddleware)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app
+
+
+def accurate_openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document without its default 422 responses: the service answers 400 instead."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        metrics = schema.get("paths", {}).get("/metrics", {}).get("get")
+        if metrics is not None:  # Prometheus text, not JSON
+            metrics["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        components = schema.get("components", {}).get("schemas", {})
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn with a graceful drain on SIGTERM/SIGINT, and exit status 0 after it.
+
+    uvicorn alone closes its listening socket at once and then waits for open connections. Here
+    the first signal instead: marks the service draining (new generations get 503 ``draining``,
+    ``/readyz`` 503, so a load balancer moves on), lets running generations finish for up to
+    ``drain_timeout_s``, then stops the ones left (each saves its session at what its client was
+    sent and ends its stream with an error event), and only then lets uvicorn shut down (the
+    lifespan stops the engine thread and closes the store). A second signal exits at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, generations: Any, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self._generations_of = generations  # callable: the app's Generations, once started
+        self.drain_timeout_s = drain_timeout_s
+        self._drain_requested = False
+        self._drain_deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not recorded in _captured_signals: uvicorn would re-raise it after shutdown, and the
+        # process would die of the signal instead of exiting 0 after a clean drain.
+        if self._drain_requested or self.should_exit:
+            self.should_exit = self.force_exit = True
+        else:
+            self._drain_requested = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_requested and not self.should_exit:
+            await self._drain_step()
+        return await super().on_tick(counter)
+
+    async def _drain_step(self) -> None:
+        generations = self._generations_of()
+        if generations is None:  # still starting: nothing to drain
+            self.should_exit = True
+            return
+        if self._drain_deadline is None:
+            generations.draining = True
+            self._drain_deadline = time.monotonic() + self.drain_timeout_s
+            log.info("draining: %d generation(s) running, up to %.0f s", generations.active, self.drain_timeout_s)
+        if generations.active and time.monotonic() >= self._drain_deadline:
+            log.warning("drain timeout: stopping %d generation(s), saving what was sent", generations.active)
+            generations.stop_all()
+            await generations.drain(timeout=10.0)
+        if not generations.active:
+            log.info("drained; shutting down")
+            self.should_exit = True
+
+
+def run(host: str | None = None, port: int | None = None, model: str | None = None) -> int:
+    """Serve until interrupted; returns the process exit code (2: bad settings or model)."""
+    overrides = {k: v for k, v in {"host": host, "port": port, "model": model}.items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as err:
+        problems = "; ".join(f"CHARGEN_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in err.errors())
+        print(f"chargen: error: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_model(settings.model_path, settings.model_id)
+    except ModelLoadError as err:
+        print(f"chargen: error: {err}", file=sys.stderr)
+        return 2
+    app = create_app(settings, loaded)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,  # after the drain: only requests without a generation are left
+    )
+    server = DrainingServer(config, lambda: getattr(app.state, "generations", None), settings.drain_timeout_s)
+    sockets = None
+    if settings.socket_send_buffer_bytes:
+        # Accepted connections inherit the listening socket's send buffer. A fixed size (instead
+        # of autotuning up to megabytes) means a client that stops reading blocks the stream's
+        # writes after ~2x this many bytes, so the stream window stops its generation promptly.
+        try:
+            listener = config.bind_socket()
+        except SystemExit:
+            return 1
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
+        sockets = [listener]
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=sockets)
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

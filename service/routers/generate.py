@@ -1,0 +1,100 @@
+"""POST /v1/generate: chargen's own generation endpoint, JSON or server-sent events."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.auth import OwnerDep
+from service.dependencies import GenerationsDep, ModelDep
+from service.engine import Finished
+from service.errors import ApiError
+from service.generation import GenerationSpec, Job, stream_job
+from service.sampling import SamplingParams
+from service.sse import EventStreamResponse
+
+router = APIRouter(tags=["generate"])
+
+SEED_RANGE = {"ge": -(2**63), "le": 2**64 - 1}
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = ""
+    max_new_chars: int = Field(200, ge=0)
+    temperature: float = Field(1.0, ge=0, le=100, allow_inf_nan=False, description="0 = greedy")
+    top_k: int | None = Field(None, ge=0, le=2**31, description="null or 0: no limit")
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, **SEED_RANGE)
+    stop: list[str] | None = Field(None, description="at most 4; the stop string is not returned")
+    session_id: str | None = None
+    stream: bool = False
+
+    def spec(self) -> GenerationSpec:
+        params = SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
+        return GenerationSpec(
+            self.prompt, self.max_new_chars, params, tuple(self.stop or ()), self.session_id, self.stream
+        )
+
+
+class Usage(BaseModel):
+    prompt_chars: int
+    completion_chars: int
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    finish_reason: Literal["length", "stop"]
+    session_id: str | None
+    model: str
+    usage: Usage
+
+
+def usage(spec: GenerationSpec, completion_chars: int) -> dict[str, int]:
+    return {"prompt_chars": len(spec.prompt), "completion_chars": completion_chars}
+
+
+@router.post("/v1/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}})
+async def generate(body: GenerateRequest, generations: GenerationsDep, model: ModelDep, owner: OwnerDep) -> Response:
+    received = time.perf_counter()
+    spec = body.spec()
+    spec.owner = owner
+    generations.validate(spec)
+    job = await generations.start(spec, received)
+    if spec.stream:
+        return EventStreamResponse(stream_events(job))
+    try:
+        text = "".join([piece async for piece in job.pieces()])
+        outcome = await job.outcome()
+    finally:
+        job.abandon()  # no-op once finished; stops the row if this handler is cancelled
+    if outcome.error is not None:
+        raise outcome.error
+    finished = outcome.finished
+    if finished.reason not in ("length", "stop"):
+        raise ApiError(503, f"generation was interrupted ({finished.error or finished.reason})", None, "interrupted")
+    payload = GenerateResponse(
+        text=text,
+        finish_reason=finished.reason,  # type: ignore[arg-type]
+        session_id=spec.session_id,
+        model=model.model_id,
+        usage=Usage(**usage(spec, finished.completion_chars)),
+    )
+    return JSONResponse(payload.model_dump())
+
+
+def stream_events(job: Job) -> AsyncIterator[str]:
+    def final(finished: Finished) -> dict[str, Any]:
+        return {
+            "finish_reason": finished.reason,
+            "session_id": job.session_id,
+            "usage": usage(job.spec, finished.completion_chars),
+        }
+
+    return stream_job(job, lambda piece: {"text": piece}, final)

@@ -1,0 +1,91 @@
+"""The service's one settings object: every knob, read from ``CHARGEN_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = "models/shakespeare.pt"
+
+
+def resolve_model_path(value: str) -> Path:
+    """A relative path is tried from the working directory, then from the project root.
+
+    So `chargen serve` finds the bundled model from the repository root and from anywhere else
+    after an editable install.
+    """
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    bundled = PROJECT_ROOT / path
+    return bundled if bundled.exists() else path
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHARGEN_", extra="ignore")
+
+    # what to serve and where
+    model: str = Field(DEFAULT_MODEL, description="TorchScript artifact to serve")
+    model_id: str | None = Field(None, description="id shown in /v1/models (default: the file's stem)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    # session state
+    state_url: str = Field("memory://", description="memory:// or redis://host:port/db")
+    session_ttl_s: int = Field(3600, ge=1, description="sliding: refreshed on each use")
+    lease_ms: int = Field(30_000, ge=100, description="per-session lock, renewed while in use")
+    redis_prefix: str = "chargen:"
+    redis_timeout_s: float = Field(2.0, gt=0, description="connect/read timeout; past it a session request gets 503")
+    sweep_interval_s: float = Field(30.0, gt=0, description="how often expired sessions are counted")
+
+    # limits on what a client may ask for
+    max_prompt_chars: int = Field(8192, ge=1)
+    max_new_chars: int = Field(4096, ge=1)
+    max_stop_strings: int = Field(4, ge=0)
+    max_stop_chars: int = Field(64, ge=1)
+    max_body_bytes: int = Field(65_536, ge=1024)
+
+    # bounded work and the batching engine
+    max_streams: int = Field(64, ge=1, description="generations running at once (rows in the engine)")
+    max_queue: int = Field(64, ge=0, description="generations waiting for a row; past it: 429")
+    retry_after_s: int = Field(1, ge=1)
+    max_batch: int = Field(64, ge=1, description="rows per model step (1 = batching off)")
+    step_min_rows: int = Field(
+        4, ge=1, description="pad steps with a seeded or greedy row to this many rows (docs: batch invariance)"
+    )
+    prefill_chunk: int = Field(64, ge=1, description="prompt characters fed per engine tick")
+    stream_window: int = Field(64, ge=1, description="characters the engine may run ahead of what a client was sent")
+
+    # access and lifecycle (issue 6)
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="comma-separated API keys, or sha256:<hex> digests of them; empty: no authentication",
+    )
+    max_streams_per_key: int = Field(16, ge=0, description="generations one API key may run at once (0: no limit)")
+    drain_timeout_s: float = Field(20.0, ge=0, description="on SIGTERM, how long running generations may finish")
+    stream_stall_timeout_s: float = Field(
+        60.0, gt=0, description="a streaming client that accepts nothing for this long is dropped (row and lease freed)"
+    )
+    socket_send_buffer_bytes: int = Field(
+        65_536, ge=0, description="SO_SNDBUF of accepted connections (0: the kernel's autotuning)"
+    )
+
+    # torch on this CPU
+    torch_threads: int = Field(1, ge=1)
+    mkldnn: bool = False
+    log_level: str = "info"
+
+    @field_validator("state_url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not (value.startswith("memory://") or value.startswith(("redis://", "rediss://", "unix://"))):
+            raise ValueError("must be memory:// or redis://host:port/db")
+        return value
+
+    @cached_property
+    def model_path(self) -> Path:
+        return resolve_model_path(self.model)
