@@ -1,0 +1,105 @@
+# syntax=docker/dockerfile:1
+#
+# chargen images, built from one Dockerfile:
+#   docker build -t chargen .                          # the service (default, last stage: runtime)
+#   docker build -t chargen-train --target train .     # the batch training job, CUDA build of torch
+# docker-compose.yml builds both. See docs/deployment.md.
+#
+# Stages: wheel (builds the project's wheel once) -> runtime-venv / train-venv (a virtualenv with the
+# CPU or CUDA torch plus the wheel) -> train / runtime (slim images holding only the virtualenv, the
+# files they need and a non-root user). Compilers, pip caches and sources stay in the build stages.
+
+# Pinned tags; pin digests too (`docker buildx imagetools inspect python:3.11.13-slim-bookworm`) when
+# builds must be bit-for-bit repeatable.
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+
+# --- wheel: the chargen distribution (training + service packages), built once for both images ---
+FROM base AS wheel
+WORKDIR /src
+# README.md is the distribution's long description (pyproject `readme`), so the build needs it.
+COPY pyproject.toml README.md ./
+COPY training ./training
+COPY service ./service
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+
+# --- runtime-venv: CPU-only torch from the PyTorch CPU index (no CUDA libraries: ~5x smaller) ---
+FROM base AS runtime-venv
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, in its own layer: it is the big, slow download and changes far less than the code.
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_CPU_INDEX_URL}"
+COPY --from=wheel /wheels /wheels
+# The installed torch (2.13.0+cpu) satisfies the project's `torch>=2.4,<2.15`, so pip keeps it and
+# takes only the remaining dependencies from PyPI. Non-editable: the image needs no source tree.
+RUN pip install --no-cache-dir /wheels/chargen-*.whl
+
+
+# --- train-venv: the default PyPI torch wheel, which is the CUDA build on linux/x86_64 ---
+FROM base AS train-venv
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_CUDA_INDEX_URL=https://pypi.org/simple
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# The CUDA runtime, cuDNN and NCCL come as nvidia-* wheels with torch; the host supplies only the
+# driver (NVIDIA Container Toolkit), so no nvidia/cuda base image is needed.
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_CUDA_INDEX_URL}"
+COPY --from=wheel /wheels /wheels
+RUN pip install --no-cache-dir /wheels/chargen-*.whl
+
+
+# --- train: one-shot batch job (docker compose --profile train run trainer) ---
+FROM base AS train
+# Same numeric uid as the runtime image, so both can share the models volume; USER is numeric so
+# Kubernetes runAsNonRoot can verify it.
+RUN groupadd --system --gid 10001 chargen \
+    && useradd --system --uid 10001 --gid chargen --create-home --home-dir /home/chargen chargen \
+    && mkdir -p /data /runs /models \
+    && chown chargen:chargen /data /runs /models
+# Mount points owned by chargen: Docker seeds an empty named volume from the image's directory,
+# ownership included, so the non-root job can write to fresh volumes. (No VOLUME instruction: a
+# `docker run --rm` without -v would otherwise put checkpoints in an anonymous volume and drop them.)
+COPY --from=train-venv /opt/venv /opt/venv
+WORKDIR /app
+COPY configs ./configs
+COPY --chmod=0755 deploy/train-job.sh /usr/local/bin/train-job
+ENV PATH=/opt/venv/bin:$PATH \
+    CHARGEN_CACHE=/data \
+    CHARGEN_MODELS_DIR=/models \
+    MPLBACKEND=Agg
+USER 10001:10001
+# train-job runs the command, forwards SIGTERM to it (checkpoint + exit 143 = rerun to resume) and,
+# when training completes, publishes OUT/model.pt to /models/<run name>.pt for the api.
+ENTRYPOINT ["train-job"]
+CMD ["chargen", "train", "--config", "configs/tinyshakespeare-gpu.toml", "--out", "/runs/shakespeare-gpu", "--resume"]
+
+
+# --- runtime: the HTTP service (default target) ---
+FROM base AS runtime
+RUN groupadd --system --gid 10001 chargen \
+    && useradd --system --uid 10001 --gid chargen --no-create-home --home-dir /nonexistent chargen \
+    && mkdir -p /models \
+    && chown chargen:chargen /models
+COPY --from=runtime-venv /opt/venv /opt/venv
+WORKDIR /app
+COPY models/shakespeare.pt ./models/shakespeare.pt
+# Settings are read from CHARGEN_* variables at start (see docs/deployment.md); these are the image's
+# defaults, each overridable with `docker run -e` or compose `environment:`.
+ENV PATH=/opt/venv/bin:$PATH \
+    CHARGEN_MODEL=/app/models/shakespeare.pt \
+    CHARGEN_PORT=8000
+USER 10001:10001
+EXPOSE 8000
+# Liveness only (/healthz): slim has no curl, so python's urllib; urlopen raises on any non-2xx.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('CHARGEN_PORT', '8000'), timeout=2)"]
+CMD ["chargen", "serve", "--host", "0.0.0.0"]
