@@ -1,0 +1,473 @@
+"""Serving throughput: the real service under 1..64 concurrent streams, against the hardware ceiling.
+
+One run does these, all with the same torch intra-op thread setting (the service's
+``CHARGEN_TORCH_THREADS``, 1 by default):
+
+1. the ceiling: the artifact's ``step`` in a tight loop at each batch size, in this process, no
+   HTTP, no sampling: characters/s = batch / seconds per step;
+2. the service with batching on: ``chargen serve`` (uvicorn) in a subprocess with sessions in a
+   real ``redis-server`` started here on a free port; for each level N, N clients each create a
+   session, then all stream ``--chars`` characters at once (SSE, ``POST /v1/generate``); printed
+   per level: aggregate characters/s, time to first character (TTFC) and time between characters
+   (TBC), p50 and p99, as the clients see them;
+3. the baseline: the same service with batching off (``CHARGEN_MAX_BATCH=1``) at the highest level;
+4. a diagnostic: the batching engine alone in this process (no HTTP) at each level.
+
+Then the ratios against the targets of issue 4. Characters that arrive in one SSE event count as
+arriving together (a gap of 0 for all but the first).
+
+    python benchmarks/serve_throughput.py                          # models/shakespeare.pt, 1,8,32,64
+    python benchmarks/serve_throughput.py --model runs/x/model.pt --chars 200 --levels 1,8
+    python benchmarks/serve_throughput.py --json out.json          # also write the figures as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "ROMEO:\n"  # short: the ceiling has no prompt work either; --prompt for longer ones
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+# ---- the ceiling ---------------------------------------------------------------------------
+
+
+def measure_ceiling(model_path: Path, batch: int, threads: int, seconds: float) -> float:
+    """Characters/s of the artifact's `step` at `batch` rows in a tight loop (median of 5 rounds)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    module = torch.jit.load(str(model_path))
+    with torch.inference_mode():
+        h, c = module.init_state(batch)
+        tokens = torch.zeros(batch, dtype=torch.int64)
+        for _ in range(20):  # warm-up: the profiling executor specialises on the first calls
+            _, h, c = module.step(tokens, h, c)
+        rates = []
+        for _ in range(5):
+            steps, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds / 5 or steps < 5:
+                logits, h, c = module.step(tokens, h, c)
+                tokens = logits.argmax(1)  # feed something real back, as serving does
+                steps += 1
+            rates.append(steps * batch / elapsed)
+    rates.sort()
+    return rates[len(rates) // 2]
+
+
+# ---- the service and redis -----------------------------------------------------------------
+
+
+class Redis:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="chargen-bench-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Redis:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("serve_throughput: redis-server is not on PATH")
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            [binary, *args, "--dir", self.dir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit("serve_throughput: redis-server did not start")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Service:
+    """`chargen serve` in a subprocess, configured through CHARGEN_* variables."""
+
+    def __init__(self, model: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        chargen = shutil.which("chargen", path=str(Path(sys.executable).parent)) or shutil.which("chargen")
+        if chargen is None:
+            raise SystemExit("serve_throughput: the `chargen` command is not installed (pip install -e .)")
+        self.cmd = [chargen, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--model", str(model)]
+        self.env = {**os.environ, "CHARGEN_LOG_LEVEL": "warning", **env}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Service:
+        import httpx
+
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise SystemExit(f"serve_throughput: chargen serve exited:\n{self.log.read().decode()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("serve_throughput: chargen serve did not become ready")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+# ---- streaming clients ---------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    ttfc: float  # seconds from sending the request to the first character
+    gaps: list[float]  # seconds between consecutive characters
+    chars: int
+    started: float
+    ended: float
+
+
+@dataclass
+class Level:
+    streams: int
+    chars_per_s: float
+    ttfc_p50_ms: float
+    ttfc_p99_ms: float
+    tbc_p50_ms: float
+    tbc_p99_ms: float
+    chars: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def one_stream(client: Any, url: str, body: dict[str, Any], go: asyncio.Event) -> StreamResult:
+    if body.pop("_session", False):  # outside the timing: a fresh session in Redis per client
+        created = await client.post(url + "/v1/sessions", json={})
+        created.raise_for_status()
+        body["session_id"] = created.json()["session_id"]
+    await go.wait()
+    started = time.perf_counter()
+    first: float | None = None
+    last = started
+    gaps: list[float] = []
+    chars = 0
+    async with client.stream("POST", url + "/v1/generate", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()[:300]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            payload = json.loads(line[6:])
+            if "error" in payload:
+                raise RuntimeError(f"stream error: {payload['error']}")
+            text = payload.get("text")
+            if not text:
+                continue
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            else:
+                gaps.append(now - last)
+            gaps.extend([0.0] * (len(text) - 1))  # the rest of one event arrive with its first
+            last = now
+            chars += len(text)
+    if session_id := body.get("session_id"):
+        await client.delete(url + f"/v1/sessions/{session_id}")
+    return StreamResult((first or last) - started, gaps, chars, started, last)
+
+
+async def run_level(url: str, streams: int, chars: int, prompt: str, seed: int | None, sessions: bool) -> Level:
+    import httpx
+
+    limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(300.0)) as client:
+        go = asyncio.Event()
+        bodies = [
+            {"prompt": prompt, "max_new_chars": chars, "temperature": 1.0, "stream": True, "_session": sessions}
+            | ({"seed": seed + i} if seed is not None else {})
+            for i in range(streams)
+        ]
+        tasks = [asyncio.create_task(one_stream(client, url, body, go)) for body in bodies]
+        await asyncio.sleep(0.2 + 0.01 * streams)  # let every client create its session first
+        go.set()
+        results = await asyncio.gather(*tasks)
+    got = sum(r.chars for r in results)
+    if got != streams * chars:
+        raise RuntimeError(f"expected {streams * chars} characters, got {got}")
+    seconds = max(r.ended for r in results) - min(r.started for r in results)
+    ttfc = [r.ttfc for r in results]
+    gaps = [g for r in results for g in r.gaps]
+    return Level(
+        streams,
+        got / seconds,
+        1e3 * percentile(ttfc, 50),
+        1e3 * percentile(ttfc, 99),
+        1e3 * percentile(gaps, 50),
+        1e3 * percentile(gaps, 99),
+        got,
+        seconds,
+    )
+
+
+def warm_up(url: str, prompt: str) -> None:
+    import httpx
+
+    body = {"prompt": prompt, "max_new_chars": 50, "stream": False}
+    for _ in range(3):
+        httpx.post(url + "/v1/generate", json=body, timeout=60).raise_for_status()
+
+
+def measure_engine(model_path: Path, streams: int, chars: int, prompt: str, threads: int) -> float:
+    """Characters/s of the batching engine alone, in this process: no HTTP, no SSE, no Redis.
+
+    The diagnostic between the ceiling and the service: what the engine's own bookkeeping and
+    sampling cost, before the event loop, the sockets and the clients take their share.
+    """
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from service.artifact import load_model
+    from service.engine import Engine, GenerationRequest
+    from service.metrics import Metrics
+    from service.sampling import SamplingParams
+
+    torch.set_num_threads(threads)
+    model = load_model(model_path)
+
+    async def run() -> float:
+        engine = Engine(model, Metrics(), max_streams=max(64, streams), torch_threads=threads)
+        engine.start(asyncio.get_running_loop())
+
+        async def one(n: int) -> None:
+            request = GenerationRequest(model.encode(prompt), n, SamplingParams(), auto_ack=False)
+            handle = engine.submit(request)
+            while (piece := await handle.text.get()) is not None:
+                handle.ack(len(piece))  # as the service does once a piece is written to the socket
+            await handle.finished
+
+        try:
+            await one(20)  # warm-up
+            start = time.perf_counter()
+            await asyncio.gather(*(one(chars) for _ in range(streams)))
+            return streams * chars / (time.perf_counter() - start)
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    return asyncio.run(run())
+
+
+def prompt_feed_ms(model_path: Path, prompt_chars: int, threads: int) -> float:
+    """Milliseconds the engine needs to feed one prompt of this length (one row, `forward`)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    module = torch.jit.load(str(model_path))
+    with torch.inference_mode():
+        tokens = torch.zeros(1, max(prompt_chars - 1, 1), dtype=torch.int64)
+        h, c = module.init_state(1)
+        for _ in range(5):
+            module.forward(tokens, h, c)
+        times = []
+        for _ in range(21):
+            start = time.perf_counter()
+            module.forward(tokens, h, c)
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+# ---- report --------------------------------------------------------------------------------
+
+
+def table(title: str, levels: list[Level], ceiling: dict[int, float]) -> str:
+    lines = [
+        title,
+        f"{'streams':>7} {'chars/s':>9} {'x ceiling':>9} {'TTFC p50':>9} {'TTFC p99':>9} "
+        f"{'TBC p50':>8} {'TBC p99':>8}   (ms)",
+    ]
+    for lv in levels:
+        ratio = lv.chars_per_s / ceiling[lv.streams] if lv.streams in ceiling else math.nan
+        lines.append(
+            f"{lv.streams:>7} {lv.chars_per_s:>9.0f} {ratio:>9.2f} {lv.ttfc_p50_ms:>9.1f} {lv.ttfc_p99_ms:>9.1f} "
+            f"{lv.tbc_p50_ms:>8.2f} {lv.tbc_p99_ms:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "shakespeare.pt")
+    parser.add_argument("--chars", type=int, default=500, help="characters each stream generates")
+    parser.add_argument("--levels", default="1,8,32,64", help="concurrent streams, comma-separated")
+    parser.add_argument("--prompt", default=PROMPT, help="prompt every stream sends")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (service and ceiling)")
+    parser.add_argument("--ceiling-seconds", type=float, default=2.0, help="tight-loop time per batch size")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the CHARGEN_MAX_BATCH=1 service")
+    parser.add_argument("--no-sessions", action="store_true", help="stateless streams (no Redis sessions)")
+    parser.add_argument("--seed", type=int, default=None, help="seed stream i with SEED+i (default: unseeded)")
+    parser.add_argument("--also-seeded-single", action="store_true", help="also run 1 seeded stream")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here as JSON")
+    args = parser.parse_args(argv)
+    levels = sorted({int(x) for x in args.levels.split(",") if x.strip()})
+    model = args.model.resolve()
+    if not model.exists():
+        parser.error(f"no model at {model}")
+    sessions = not args.no_sessions
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # before torch is imported
+
+    print(
+        f"model {model}, {args.chars} chars per stream, prompt {len(args.prompt)} chars, "
+        f"torch threads {args.threads}, sessions in Redis: {sessions}",
+        flush=True,
+    )
+    ceiling = {n: measure_ceiling(model, n, args.threads, args.ceiling_seconds) for n in levels}
+    feed_ms = prompt_feed_ms(model, len(args.prompt), args.threads)
+    engine_only = {n: measure_engine(model, n, args.chars, args.prompt, args.threads) for n in levels}
+    print(
+        "ceiling (artifact step, tight loop): " + ", ".join(f"batch {n}: {v:.0f} chars/s" for n, v in ceiling.items()),
+        flush=True,
+    )
+    print(f"prompt feeding: {feed_ms:.2f} ms per prompt (one row)", flush=True)
+    print(
+        "engine alone (no HTTP): "
+        + ", ".join(f"{n} streams: {v:.0f} chars/s ({v / ceiling[n]:.2f} x ceiling)" for n, v in engine_only.items()),
+        flush=True,
+    )
+
+    top = max(levels)
+    env = {
+        "CHARGEN_TORCH_THREADS": str(args.threads),
+        "CHARGEN_MAX_STREAMS": str(max(64, top)),
+        "CHARGEN_MAX_QUEUE": str(max(64, top)),
+        "CHARGEN_MAX_NEW_CHARS": str(max(4096, args.chars)),
+    }
+    batched: list[Level] = []
+    baseline: list[Level] = []
+    seeded_single: Level | None = None
+    with Redis() as redis:
+        env["CHARGEN_STATE_URL"] = redis.url if sessions else "memory://"
+        with Service(model, env) as service:
+            warm_up(service.url, args.prompt)
+            for n in levels:
+                lv = asyncio.run(run_level(service.url, n, args.chars, args.prompt, args.seed, sessions))
+                batched.append(lv)
+                print(table("", [lv], ceiling).splitlines()[-1], flush=True)
+            if args.also_seeded_single:
+                seeded_single = asyncio.run(run_level(service.url, 1, args.chars, args.prompt, 1, sessions))
+        if not args.no_baseline:
+            with Service(model, {**env, "CHARGEN_MAX_BATCH": "1"}) as service:
+                warm_up(service.url, args.prompt)
+                baseline.append(asyncio.run(run_level(service.url, top, args.chars, args.prompt, args.seed, sessions)))
+
+    print()
+    print(table("service, batching on (CHARGEN_MAX_BATCH=64)", batched, ceiling))
+    if seeded_single is not None:
+        print(table("one seeded stream", [seeded_single], ceiling).splitlines()[-1])
+    if baseline:
+        print(table("\nservice, batching off (CHARGEN_MAX_BATCH=1)", baseline, ceiling))
+    print("\ntargets (issue 4):")
+    by_n = {lv.streams: lv for lv in batched}
+    checks: dict[str, Any] = {}
+    if top in by_n:
+        r = by_n[top].chars_per_s / ceiling[top]
+        checks[f"{top} streams >= 0.7 x ceiling@{top}"] = (r, r >= 0.7)
+        if baseline:
+            b = by_n[top].chars_per_s / baseline[0].chars_per_s
+            checks[f"{top} streams >= 5 x unbatched baseline"] = (b, b >= 5)
+        limit = 50 + feed_ms * top  # every prompt of the burst is fed before the last one's first step
+        checks[f"TTFC p99 @{top} <= 50 ms + prompt feeding ({limit:.0f} ms)"] = (
+            by_n[top].ttfc_p99_ms,
+            by_n[top].ttfc_p99_ms <= limit,
+        )
+    if 1 in by_n:
+        r = by_n[1].chars_per_s / ceiling[1]
+        checks["1 stream >= 0.8 x ceiling@1"] = (r, r >= 0.8)
+    if seeded_single is not None:
+        r = seeded_single.chars_per_s / ceiling[1]
+        checks["1 seeded stream >= 0.8 x ceiling@1"] = (r, r >= 0.8)
+    for name, (value, ok) in checks.items():
+        print(f"  {name}: {value:.2f} -> {verdict(ok)}")
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": str(model),
+                    "chars_per_stream": args.chars,
+                    "prompt_chars": len(args.prompt),
+                    "threads": args.threads,
+                    "sessions": sessions,
+                    "ceiling": ceiling,
+                    "prompt_feed_ms": feed_ms,
+                    "engine_only": engine_only,
+                    "batched": [asdict(lv) for lv in batched],
+                    "seeded_single": asdict(seeded_single) if seeded_single else None,
+                    "baseline": [asdict(lv) for lv in baseline],
+                    "targets": {k: {"value": v, "met": ok} for k, (v, ok) in checks.items()},
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
