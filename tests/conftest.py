@@ -1,0 +1,89 @@
+"""Shared fixtures: a small generated corpus and a tiny trained, exported artifact.
+
+Tests never need the real Tiny Shakespeare: they make their own text and train a model of a few
+thousand parameters in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Tiny models gain nothing from intra-op threads, and on CI's 2 cores the suite runs several
+# processes at once (servers, torchrun ranks): one thread each avoids OpenMP threads spinning at
+# barriers for a core another process holds. Set before torch is imported; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from training.config import TrainConfig
+from training.export import export
+from training.train import train
+
+WORDS = (
+    "ROMEO JULIET KING QUEEN the and of to my lord what is this night thou art thee good sweet "
+    "love death fair speak hear come go hath doth shall not now here there"
+).split()
+
+
+def make_corpus_text(chars: int = 20_000, seed: int = 0) -> str:
+    """Play-like text: speaker lines in capitals, then short verse lines."""
+    rng = random.Random(seed)
+    lines: list[str] = []
+    while sum(len(line) + 1 for line in lines) < chars:
+        lines.append(rng.choice(["ROMEO:", "JULIET:", "KING:", "QUEEN:"]))
+        for _ in range(rng.randint(1, 3)):
+            lines.append(" ".join(rng.choice(WORDS).lower() for _ in range(rng.randint(3, 8))) + ",")
+        lines.append("")
+    return "\n".join(lines)[:chars]
+
+
+def tiny_config(corpus: Path, out: Path, **overrides: object) -> TrainConfig:
+    """A model and run small enough to train in a second or two on CI's 2 cores."""
+    values: dict[str, object] = dict(
+        corpus=str(corpus),
+        out=str(out),
+        layers=2,
+        hidden=32,
+        dropout=0.1,
+        batch_size=8,
+        seq_len=32,
+        max_steps=40,
+        learning_rate=1e-2,
+        min_lr=1e-3,
+        warmup_steps=5,
+        eval_interval=20,
+        log_interval=10,
+        seed=1234,
+        device="cpu",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
+    path.write_text(make_corpus_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained and exported 2x32 model (the real export path, TorchScript with meta.json)."""
+    out = tmp_path_factory.mktemp("tiny-run")
+    result = train(tiny_config(corpus_file, out, max_steps=60), progress_tty=False)
+    path = out / "model.pt"
+    export(result.checkpoint, path)
+    return path
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    """A plain HTTP client for talking to a test server."""
+    with httpx.Client(timeout=60) as c:
+        yield c

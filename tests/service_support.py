@@ -1,0 +1,169 @@
+"""Helpers for the service tests: real uvicorn servers (threads or `chargen serve` processes),
+incremental SSE reading, and tiny artifacts made with the trainer's own export code."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from service.main import create_app
+from service.settings import Settings
+
+CHARGEN = str(Path(sys.executable).with_name("chargen"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float = 60.0, interval: float = 0.05, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            value = predicate()
+            if value:
+                return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+class ServerThread:
+    """The real app under uvicorn on a free port, in a thread of the test process."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.port = free_port()
+        self.settings = Settings(host="127.0.0.1", port=self.port, **settings)
+        self.app = create_app(self.settings)
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=5
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        wait_until(lambda: self.server.started, what="uvicorn to start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+class ServerProcess:
+    """`chargen serve` in its own process, configured through CHARGEN_* variables."""
+
+    def __init__(self, model: Path, port: int | None = None, **env: Any) -> None:
+        self.model = model
+        self.port = port or free_port()
+        self.env = {**os.environ, **{f"CHARGEN_{k.upper()}": str(v) for k, v in env.items()}}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            [CHARGEN, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--model", str(self.model)],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"chargen serve exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+
+        wait_until(ready, timeout=90, interval=0.2, what="chargen serve to be ready")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def sse_data(response: httpx.Response) -> Iterator[Any]:
+    """Each `data:` payload as it arrives (parsed JSON, or the string "[DONE]")."""
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: ") :]
+            yield payload if payload == "[DONE]" else json.loads(payload)
+
+
+def generate(client: httpx.Client, url: str, **body: Any) -> dict[str, Any]:
+    response = client.post(url + "/v1/generate", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def generate_retrying_busy(client: httpx.Client, url: str, **body: Any) -> dict[str, Any]:
+    """A session is saved and released just after a disconnect; wait out that moment's 409."""
+    for _ in range(200):
+        response = client.post(url + "/v1/generate", json=body)
+        if response.status_code != 409:
+            assert response.status_code == 200, response.text
+            return response.json()  # type: ignore[no-any-return]
+        time.sleep(0.05)
+    raise AssertionError("session stayed busy")
+
+
+def new_session(client: httpx.Client, url: str, prompt: str = "") -> str:
+    response = client.post(url + "/v1/sessions", json={"prompt": prompt} if prompt else None)
+    assert response.status_code == 201, response.text
+    return response.json()["session_id"]  # type: ignore[no-any-return]
+
+
+def metric(client: httpx.Client, url: str, name: str) -> float:
+    total = 0.0
+    for line in client.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def export_random_model(out: Path, vocab: list[str], seed: int, layers: int = 2, hidden: int = 32) -> Path:
+    """A randomly initialised model exported like the trainer does (another fingerprint)."""
+    import torch
+
+    from training.export import build_meta, script
+    from training.model import CharLSTM, ModelConfig
+
+    torch.manual_seed(seed)
+    model = CharLSTM(ModelConfig(vocab_size=len(vocab), layers=layers, hidden=hidden)).eval()
+    checkpoint = {"best_val_loss": None, "config": {}, "vocab": vocab, "corpus": {"name": "random"}, "step": 0}
+    meta = build_meta(model, checkpoint)
+    scripted = script(model)
+    with warnings.catch_warnings():  # torch.jit's deprecation notice; the artifact format is ours
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.jit.save(scripted, str(out), _extra_files={"meta.json": json.dumps(meta)})
+    return out

@@ -1,0 +1,67 @@
+"""The serving benchmark and the locust load test run end to end at a tiny scale (no timing checks).
+
+They are scripts people run by hand; these tests only keep them from rotting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.service_support import ServerThread
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "ROMEO:\nthe night "  # characters the tiny artifact knows
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+def test_serve_throughput_runs_end_to_end(tiny_artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    args = ["--model", str(tiny_artifact), "--levels", "1,2", "--chars", "20", "--prompt", PROMPT]
+    args += ["--ceiling-seconds", "0.1", "--also-seeded-single", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve_throughput.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "batching off" in done.stdout and "targets (issue 4)" in done.stdout
+    figures = json.loads(out.read_text())
+    assert [lv["streams"] for lv in figures["batched"]] == [1, 2]
+    assert all(lv["chars"] == lv["streams"] * 20 and lv["chars_per_s"] > 0 for lv in figures["batched"])
+    assert figures["baseline"][0]["streams"] == 2 and figures["seeded_single"]["chars"] == 20
+    assert set(figures["ceiling"]) == {"1", "2"}
+
+
+@pytest.mark.skipif(shutil.which("locust", path=str(Path(sys.executable).parent)) is None, reason="needs locust")
+def test_locustfile_runs_headless_without_failures(tiny_artifact: Path, tmp_path: Path) -> None:
+    locust = shutil.which("locust", path=str(Path(sys.executable).parent))
+    prefix = str(tmp_path / "run")
+    env = {**os.environ, "CHARGEN_LOCUST_CHARS": "20", "CHARGEN_LOCUST_PROMPT": PROMPT}
+    with ServerThread(model=str(tiny_artifact)) as server:
+        options = ["--headless", "-u", "4", "-r", "4", "-t", "4s", "--stop-timeout", "10", "--only-summary"]
+        done = subprocess.run(
+            [locust, "-f", str(ROOT / "locustfile.py"), *options, "--host", server.url, "--csv", prefix],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=tmp_path,
+        )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "locust_summary.py"), prefix],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert summary.returncode == 0, summary.stdout + summary.stderr  # requests were made, none failed
+    for name in ("POST /v1/sessions", "stream: session continue", "stream: stateless", "DELETE /v1/sessions"):
+        assert name in summary.stdout

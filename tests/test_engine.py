@@ -1,0 +1,257 @@
+"""The batching engine with the real tiny artifact: batched steps, per-row sampling, sessions' state."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import torch
+
+from service.artifact import LoadedModel, load_model
+from service.engine import Engine, EngineFull, Finished, GenerationRequest, check_batch_invariance
+from service.metrics import Metrics
+from service.sampling import SamplingParams
+from service.state_codec import decode_state
+
+T = TypeVar("T")
+PROMPT = "ROMEO:\nthe night is "
+
+
+@pytest.fixture(scope="module")
+def model(tiny_artifact: Path) -> LoadedModel:
+    return load_model(tiny_artifact)
+
+
+def with_engine(model: LoadedModel, scenario: Callable[[Engine], Awaitable[T]], **options: Any) -> T:
+    async def main() -> T:
+        engine = Engine(model, Metrics(), **options)
+        engine.start(asyncio.get_running_loop())
+        try:
+            return await scenario(engine)
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    return asyncio.run(main())
+
+
+async def collect(engine: Engine, request: GenerationRequest, ack: bool = False) -> tuple[str, Finished]:
+    handle = engine.submit(request)
+    parts = []
+    while (piece := await handle.text.get()) is not None:
+        parts.append(piece)
+        if ack:
+            handle.ack(len(piece))
+    return "".join(parts), await handle.finished
+
+
+def req(model: LoadedModel, prompt: str = PROMPT, n: int = 100, **kw: Any) -> GenerationRequest:
+    stop = tuple(kw.pop("stop", ()))
+    state = kw.pop("state", None)
+    want_state = kw.pop("want_state", True)
+    return GenerationRequest(model.encode(prompt), n, SamplingParams(**kw), stop, state, want_state=want_state)
+
+
+def decode(model: LoadedModel, blob: bytes | None):  # type: ignore[no-untyped-def]
+    assert blob is not None
+    return decode_state(blob, model.fingerprint, model.layers, model.hidden, len(model.vocab))
+
+
+def test_batched_step_matches_single_row_steps(model: LoadedModel) -> None:
+    m = model.module
+    gen = torch.Generator().manual_seed(3)
+    rows = 9
+    h = torch.randn(model.layers, rows, model.hidden, generator=gen)
+    c = torch.randn(model.layers, rows, model.hidden, generator=gen)
+    tokens = torch.randint(0, len(model.vocab), (rows,), generator=gen)
+    with torch.inference_mode():
+        logits, h2, _c2 = m.step(tokens, h, c)
+        for i in range(rows):
+            li, hi, _ci = m.step(tokens[i : i + 1], h[:, i : i + 1].contiguous(), c[:, i : i + 1].contiguous())
+            torch.testing.assert_close(li[0], logits[i], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(hi[:, 0], h2[:, i], rtol=1e-5, atol=1e-5)
+    # with padding to 4 rows the results are bit-identical whatever the batch (see engine docstring)
+    assert check_batch_invariance(model, min_rows=4, max_batch=64)
+
+
+def test_seeded_text_does_not_depend_on_the_other_streams(model: LoadedModel) -> None:
+    target = dict(temperature=1.0, top_k=20, top_p=0.95, seed=1234)
+
+    async def alone(engine: Engine) -> str:
+        return (await collect(engine, req(model, n=300, **target)))[0]
+
+    async def crowded(engine: Engine) -> str:
+        rng = random.Random(0)
+        others = [
+            collect(
+                engine,
+                req(
+                    model,
+                    prompt=rng.choice(["", "KING:", PROMPT * 3]),
+                    n=rng.randint(1, 400),
+                    temperature=rng.choice([0.0, 0.5, 1.5]),
+                    seed=rng.randint(0, 99),
+                ),
+            )
+            for _ in range(12)
+        ]
+        mine = collect(engine, req(model, n=300, **target))
+        late = [asyncio.sleep(0.001 * i) for i in range(3)]
+        results = await asyncio.gather(mine, *others, *late)
+        return results[0][0]  # type: ignore[no-any-return]
+
+    expected = with_engine(model, alone)
+    assert len(expected) == 300
+    assert with_engine(model, crowded) == expected
+    assert with_engine(model, crowded, max_batch=3) == expected  # rows rotate through small batches
+    assert with_engine(model, crowded, prefill_chunk=5) == expected
+
+
+class RowCounter:
+    """The artifact's module, recording the rows of every `step`."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.rows: list[int] = []
+
+    def step(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> Any:
+        self.rows.append(int(tokens.shape[0]))
+        return self.module.step(tokens, h, c)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+
+def test_only_steps_with_a_reproducible_row_are_padded(model: LoadedModel) -> None:
+    counted = dataclasses.replace(model, module=RowCounter(model.module))
+    counter = counted.module
+
+    async def lone(engine: Engine, **params: Any) -> list[int]:
+        counter.rows.clear()
+        await collect(engine, req(model, n=20, **params))
+        return list(counter.rows)
+
+    async def scenario(engine: Engine) -> None:
+        assert set(await lone(engine, temperature=1.0)) == {1}  # unseeded sampling: the 1-row price
+        assert set(await lone(engine, temperature=1.0, seed=3)) == {4}
+        assert set(await lone(engine, temperature=0)) == {4}
+        assert set(await lone(engine, temperature=1.0, top_k=1)) == {4}
+
+    with_engine(counted, scenario)
+
+
+def test_seeded_text_is_the_same_beside_unseeded_rows_in_small_batches(model: LoadedModel) -> None:
+    target = dict(temperature=1.0, top_p=0.9, seed=99)
+
+    async def alone(engine: Engine) -> str:
+        return (await collect(engine, req(model, n=200, **target)))[0]
+
+    async def beside_unseeded(engine: Engine) -> str:
+        others = [collect(engine, req(model, prompt="KING:", n=50 + 40 * i, temperature=1.0)) for i in range(3)]
+        results = await asyncio.gather(collect(engine, req(model, n=200, **target)), *others)
+        return results[0][0]
+
+    expected = with_engine(model, alone)
+    assert with_engine(model, beside_unseeded) == expected
+    assert with_engine(model, beside_unseeded, max_batch=2) == expected  # batches of 1 and 2 rows, mixed
+
+
+def test_greedy_2n_equals_n_then_n_through_the_saved_state(model: LoadedModel) -> None:
+    async def scenario(engine: Engine) -> tuple[str, str]:
+        whole, _ = await collect(engine, req(model, n=120, temperature=0))
+        first, fin = await collect(engine, req(model, n=60, temperature=0))
+        state = decode(model, fin.state)
+        assert state.chars_consumed == len(PROMPT) + 60
+        second, fin2 = await collect(engine, req(model, prompt="", n=60, temperature=0, state=state))
+        assert fin2.chars_consumed == len(PROMPT) + 120
+        return whole, first + second
+
+    whole, split = with_engine(model, scenario)
+    assert whole == split
+
+
+def test_stop_string_is_not_returned_and_state_is_rewound_before_it(model: LoadedModel) -> None:
+    async def scenario(engine: Engine) -> None:
+        full, _ = await collect(engine, req(model, n=200, temperature=0))
+        stop = next(full[i : i + 3] for i in range(20, 150) if full.find(full[i : i + 3]) == i)
+        cut = full.find(stop)
+        text, fin = await collect(engine, req(model, n=200, temperature=0, stop=["\u00a7never", stop]))
+        assert (text, fin.reason, fin.completion_chars) == (full[:cut], "stop", cut)
+        rest, _ = await collect(engine, req(model, prompt="", n=30, temperature=0, state=decode(model, fin.state)))
+        assert rest == full[cut : cut + 30]
+
+    with_engine(model, scenario)
+
+
+def test_cancel_saves_the_state_after_what_the_client_was_sent(model: LoadedModel) -> None:
+    async def scenario(engine: Engine) -> None:
+        full, _ = await collect(engine, req(model, n=400, temperature=0))
+        request = req(model, n=4000, temperature=0)
+        request.auto_ack = False  # streamed: the engine may only run stream_window chars ahead
+        handle = engine.submit(request)
+        received = ""
+        while len(received) < 25:
+            received += await handle.text.get()  # type: ignore[operator]
+        handle.ack(20)  # the client got 20 characters when it went away
+        handle.cancel()
+        fin = await handle.finished
+        assert fin.reason == "cancelled" and fin.completion_chars == 20
+        assert received == full[: len(received)]
+        rest, _ = await collect(engine, req(model, prompt="", n=50, temperature=0, state=decode(model, fin.state)))
+        assert rest == full[20:70]
+
+    with_engine(model, scenario, stream_window=32)
+
+
+def test_priming_with_nothing_leaves_a_fresh_state_fresh(model: LoadedModel) -> None:
+    async def scenario(engine: Engine) -> None:
+        text, fin = await collect(engine, req(model, prompt="", n=0))
+        assert text == "" and decode(model, fin.state).pending == -1
+        text, fin = await collect(engine, req(model, prompt="KING", n=0))
+        state = decode(model, fin.state)
+        assert (state.pending, state.chars_consumed) == (model.index["G"], 4)
+
+    with_engine(model, scenario)
+
+
+def test_prompt_fed_in_chunks_gives_the_same_text(model: LoadedModel) -> None:
+    prompt = PROMPT * 12
+
+    async def scenario(engine: Engine) -> str:
+        return (await collect(engine, req(model, prompt=prompt, n=80, temperature=0)))[0]
+
+    assert with_engine(model, scenario, prefill_chunk=7) == with_engine(model, scenario, prefill_chunk=64)
+
+
+def test_full_engine_refuses_instead_of_queueing_without_bound(model: LoadedModel) -> None:
+    async def scenario(engine: Engine) -> None:
+        handles = [engine.submit(req(model, n=4000)) for _ in range(3)]
+        with pytest.raises(EngineFull):
+            engine.submit(req(model, n=1))
+        for handle in handles:
+            handle.cancel()
+        for handle in handles:
+            await handle.finished
+        assert engine.in_flight == 0
+        engine.submit(req(model, n=1))  # room again
+
+    with_engine(model, scenario, max_streams=2, max_queue=1)
+
+
+def test_metrics_of_the_engine_move(model: LoadedModel) -> None:
+    metrics = Metrics()
+
+    async def scenario(engine: Engine) -> None:
+        engine.metrics = metrics
+        await asyncio.gather(*(collect(engine, req(model, n=50, seed=i)) for i in range(5)))
+
+    with_engine(model, scenario)
+    value = metrics.registry.get_sample_value
+    assert value("chargen_chars_generated_total") == 250
+    assert value("chargen_engine_batch_size_count") >= 50
+    assert value("chargen_engine_tick_seconds_count") >= 50
+    assert value("chargen_time_between_chars_seconds_count") == 245
