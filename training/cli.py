@@ -76,11 +76,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         terminated = True
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    finished = False
     try:
         result = train(config, resume=args.resume, should_stop=lambda step: terminated)
+        finished = True
     finally:
         signal.signal(signal.SIGTERM, previous)
-        teardown()
+        teardown(finished)
     if result.interrupted:
         return EXIT_PREEMPTED
     if not result.is_main:  # under torchrun, rank 0 alone exports
