@@ -2,10 +2,14 @@
 
 Each tick the engine
 1. admits waiting requests as new rows (up to ``max_streams``),
-2. feeds one chunk (``prefill_chunk`` characters) of one prompt, round-robin over the rows still
-   reading their prompt, so a long prompt never stalls the others for more than one chunk,
-3. runs ONE ``step`` over every row that needs a character (up to ``max_batch``), samples each
-   row with its own parameters and PRNG, applies its stop strings, and
+2. feeds one chunk (``prefill_chunk`` characters) of one long prompt with ``forward``, round-robin
+   over the rows still reading a long prompt, so a long prompt never stalls the others for more
+   than one chunk,
+3. runs ONE ``step`` over every row that needs a character (up to ``max_batch``): decoding rows
+   feed their last character and sample the next one, each with its own parameters and PRNG, and
+   apply their stop strings; rows with a short prompt left (at most ``step_prefill_chars``) feed
+   their next prompt character in the same step, so a burst of new streams with short prompts is
+   read in a few batched steps instead of one ``forward`` per stream, and
 4. hands the new text to the event loop in one thread-safe call.
 
 State representation. A row's state is (h, c) after all of its text but the last character, plus
@@ -18,10 +22,12 @@ sent onwards, and a stop string or a client disconnect rewinds to the right one.
 Batch invariance. MKL picks different matrix kernels for 1, 2-3 and >= 4 rows, which changes
 the last bits of the results (all sizes >= 4 agree bit for bit). A step that carries a
 reproducible row (seeded, greedy or top-k 1) is therefore padded to ``step_min_rows`` (4) rows,
-and prompts are fed one row at a time, so such a row's numbers, and with per-row PRNGs its text,
-never depend on which other streams share its batches. Steps of only unseeded sampling rows are
-not padded: their text is random anyway, a last-bit difference in the logits cannot be told from
-another draw, and a lone stream then pays the 1-row price (about half the 4-row one).
+and long prompts are fed one row at a time, so such a row's numbers, and with per-row PRNGs its
+text, never depend on which other streams share its batches. Which path feeds which character of
+a prompt depends only on the prompt's length and the settings, never on the other streams.
+Steps of only unseeded sampling rows are not padded: their text is random anyway, a last-bit
+difference in the logits cannot be told from another draw, and a lone stream then pays the
+1-row price (about half the 4-row one).
 ``check_batch_invariance`` verifies the padded case for the loaded model at start-up.
 """
 
@@ -111,6 +117,7 @@ class _Row:
         "decoding",
         "emitted",
         "fed",
+        "feeding_in_steps",
         "generated",
         "h_src",
         "handle",
@@ -152,6 +159,7 @@ class _Row:
         self.pending = pending
         self.to_prefill = to_prefill
         self.fed = 0
+        self.feeding_in_steps = False  # True while the rest of the prompt rides in the batched steps
         self.decoding = False  # True once the prompt is fed
         self.consumed_base = consumed_base
         self.generated = 0
@@ -197,6 +205,7 @@ class Engine:
         max_batch: int = 64,
         step_min_rows: int = 4,
         prefill_chunk: int = 64,
+        step_prefill_chars: int = 32,
         stream_window: int = 64,
         torch_threads: int = 1,
     ) -> None:
@@ -207,6 +216,7 @@ class Engine:
         self.max_batch = max_batch
         self.step_min_rows = step_min_rows
         self.prefill_chunk = prefill_chunk
+        self.step_prefill_chars = step_prefill_chars
         self.stream_window = stream_window
         self.torch_threads = torch_threads
         self.batch_invariant: bool | None = None
@@ -317,8 +327,8 @@ class Engine:
             self._prefill_chunk()
             worked = True
         window = self.stream_window
-        # rows still reading their prompt are not ready; rows too far ahead of their client wait
-        ready = [r for r in self._rows if r.decoding and r.emitted - r.delivered() < window]
+        # rows reading a long prompt are not ready; rows too far ahead of their client wait
+        ready = [r for r in self._rows if r.feeding_in_steps or (r.decoding and r.emitted - r.delivered() < window)]
         if ready:
             self._decode(ready)
             worked = True
@@ -349,14 +359,22 @@ class Engine:
                 feed = [model.start_id]
             row = _Row(handle, req, h, c, feed[-1], feed[:-1], consumed + len(req.prompt_ids))
             self._rows.append(row)
-            if row.to_prefill:
-                self._prefilling.append(row)
-            else:
-                self._ready(row)
+            self._route_prompt(row)
+
+    def _route_prompt(self, row: _Row) -> None:
+        """Send a row to whichever path feeds the rest of its prompt (a function of its length only)."""
+        left = len(row.to_prefill) - row.fed
+        if left > self.step_prefill_chars:
+            self._prefilling.append(row)  # `forward` in chunks, one row at a time
+        elif left > 0:
+            row.feeding_in_steps = True  # one character per tick, inside the batched step
+        else:
+            self._ready(row)
 
     def _ready(self, row: _Row) -> None:
         """The prompt is fed: record snapshot 0, or finish at once when nothing is to be generated."""
         row.decoding = True
+        row.feeding_in_steps = False
         row.snaps.append((row.h_src, row.c_src, row.idx, row.pending))
         row.last_char_at = time.perf_counter()
         if row.max_new == 0:
@@ -381,10 +399,7 @@ class Engine:
         row.idx = 0
         row.fed += len(chunk)
         self._prefilling.popleft()
-        if row.fed < len(row.to_prefill):
-            self._prefilling.append(row)  # round-robin with the other prompts
-        else:
-            self._ready(row)
+        self._route_prompt(row)  # round-robin with the other long prompts, or on to the steps
 
     def _padding(self, rows: int) -> tuple[Tensor, Tensor]:
         if rows not in self._pad_cache:
@@ -398,6 +413,7 @@ class Engine:
             self._rotate += self.max_batch
         batch = ready
         n = len(batch)
+        feeding = [r.feeding_in_steps for r in batch]
         exact = any(r.reproducible for r in batch)
         pad = max(0, self.step_min_rows - n) if exact else 0
         same = batch == self._last_batch and self._last_h is not None
@@ -413,13 +429,14 @@ class Engine:
                 cs.append(pc)
             h, c = torch.cat(hs, dim=1), torch.cat(cs, dim=1)
             params = BatchParams.of([r.params for r in batch], len(self.model.vocab))
-        tokens = torch.tensor([r.pending for r in batch] + [0] * pad)
+        tokens = torch.tensor([r.to_prefill[r.fed] if r.feeding_in_steps else r.pending for r in batch] + [0] * pad)
         logits, h2, c2 = self.model.module.step(tokens, h, c)
-        uniforms = [0.0 if r.params.greedy else r.rng.random() for r in batch]
+        # one draw per sampled character from each row's own PRNG; rows still feeding draw none
+        uniforms = [0.0 if f or r.params.greedy else r.rng.random() for f, r in zip(feeding, batch, strict=True)]
         assert params is not None
         if not exact and n <= SMALL_BATCH:  # a few unseeded rows: plain Python beats ~10 torch ops
             rows = logits.tolist()
-            choices = [sample_row(rows[i], r.params, uniforms[i]) for i, r in enumerate(batch)]
+            choices = [-1 if feeding[i] else sample_row(rows[i], r.params, uniforms[i]) for i, r in enumerate(batch)]
         else:
             choices = sample_batch(logits[:n] if pad else logits, params, uniforms)
         self._last_batch, self._last_h, self._last_c, self._last_params = batch, h2, c2, params
@@ -427,7 +444,15 @@ class Engine:
         now = time.perf_counter()
         vocab = self.model.vocab
         between = self.metrics.time_between_chars
+        sampled = 0
         for i, row in enumerate(batch):
+            if feeding[i]:  # one more prompt character read; its pending (last) character stays
+                row.h_src, row.c_src, row.idx = h2, c2, i
+                row.fed += 1
+                if row.fed == len(row.to_prefill):
+                    self._ready(row)
+                continue
+            sampled += 1
             choice = choices[i]
             row.h_src, row.c_src, row.idx, row.pending = h2, c2, i, choice
             row.generated += 1
@@ -436,7 +461,7 @@ class Engine:
                 between.observe(now - row.last_char_at)
             row.last_char_at = now
             self._take_char(row, vocab[choice])
-        self.metrics.chars_generated.inc(n)
+        self.metrics.chars_generated.inc(sampled)
         self.metrics.batch_size.observe(n)
         for row in batch:  # drop snapshots before what the client has been sent
             keep_from = row.delivered()

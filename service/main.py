@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
             max_batch=settings.max_batch,
             step_min_rows=settings.step_min_rows,
             prefill_chunk=settings.prefill_chunk,
+            step_prefill_chars=settings.step_prefill_chars,
             stream_window=settings.stream_window,
             torch_threads=settings.torch_threads,
         )
@@ -213,6 +214,8 @@ def run(host: str | None = None, port: int | None = None, model: str | None = No
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # access lines are info messages: above info they would be formatted only to be dropped
+        access_log=settings.log_level.lower() in ("trace", "debug", "info"),
         timeout_graceful_shutdown=10,  # after the drain: only requests without a generation are left
     )
     server = DrainingServer(config, lambda: getattr(app.state, "generations", None), settings.drain_timeout_s)

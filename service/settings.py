@@ -57,7 +57,10 @@ class Settings(BaseSettings):
     step_min_rows: int = Field(
         4, ge=1, description="pad steps with a seeded or greedy row to this many rows (docs: batch invariance)"
     )
-    prefill_chunk: int = Field(64, ge=1, description="prompt characters fed per engine tick")
+    prefill_chunk: int = Field(64, ge=1, description="characters of a long prompt fed per engine tick")
+    step_prefill_chars: int = Field(
+        32, ge=0, description="a prompt with at most this many characters left is fed inside the batched steps"
+    )
     stream_window: int = Field(64, ge=1, description="characters the engine may run ahead of what a client was sent")
 
     # access and lifecycle (issue 6)

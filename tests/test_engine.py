@@ -255,3 +255,58 @@ def test_metrics_of_the_engine_move(model: LoadedModel) -> None:
     assert value("chargen_engine_batch_size_count") >= 50
     assert value("chargen_engine_tick_seconds_count") >= 50
     assert value("chargen_time_between_chars_seconds_count") == 245
+
+
+class CallCounter(RowCounter):
+    """Also counts `forward` calls (long prompts are fed with `forward`, one row at a time)."""
+
+    def __init__(self, module: Any) -> None:
+        super().__init__(module)
+        self.forwards = 0
+
+    def forward(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> Any:
+        self.forwards += 1
+        return self.module.forward(tokens, h, c)
+
+
+def test_a_burst_of_short_prompts_is_read_in_shared_steps(model: LoadedModel) -> None:
+    counted = dataclasses.replace(model, module=CallCounter(model.module))
+    counter = counted.module
+    prompt = PROMPT[:14]  # 13 characters to feed before the last one: under step_prefill_chars
+
+    async def scenario(engine: Engine) -> None:
+        counter.rows.clear()  # the start-up batch invariance check's steps
+        handles = [engine.submit(req(model, prompt=prompt, n=1, temperature=1.0)) for _ in range(8)]
+        results = [await h.finished for h in handles]
+        assert all(r.completion_chars == 1 for r in results)
+        assert counter.forwards == 0  # no prompt went through `forward`
+        # 8 x (13 prompt characters + 1 sampled): 112 row-steps, in far fewer steps than that
+        assert sum(counter.rows) == 8 * (13 + 1)
+        assert len(counter.rows) <= 2 * (13 + 1)
+        counter.rows.clear()
+        long_prompt = PROMPT * 4  # 79 characters to feed: `forward` in chunks, the last 15 in steps
+        await collect(engine, req(model, prompt=long_prompt, n=1, temperature=1.0))
+        assert counter.forwards == 1 and len(counter.rows) == 16  # 64 by forward, 15 fed + 1 sampled by step
+
+    with_engine(counted, scenario, prefill_chunk=64, step_prefill_chars=32)
+
+
+@pytest.mark.parametrize("prompt_copies", [1, 4])  # fed in steps only; by forward, then in steps
+def test_seeded_text_with_its_prompt_fed_in_steps_does_not_depend_on_the_crowd(
+    model: LoadedModel, prompt_copies: int
+) -> None:
+    target = dict(temperature=1.0, top_k=30, seed=77)
+    prompt = PROMPT * prompt_copies
+
+    async def alone(engine: Engine) -> str:
+        return (await collect(engine, req(model, prompt=prompt, n=150, **target)))[0]
+
+    async def crowded(engine: Engine) -> str:
+        # others with short prompts join at the same moment: their prompts share the target's steps
+        others = [collect(engine, req(model, prompt="KING:" * (i % 3 + 1), n=60, temperature=1.0)) for i in range(9)]
+        results = await asyncio.gather(collect(engine, req(model, prompt=prompt, n=150, **target)), *others)
+        return results[0][0]
+
+    expected = with_engine(model, alone)
+    assert with_engine(model, crowded) == expected
+    assert with_engine(model, crowded, max_batch=3) == expected
