@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
             prefill_chunk=settings.prefill_chunk,
             step_prefill_chars=settings.step_prefill_chars,
             stream_window=settings.stream_window,
+            flush_interval_s=settings.flush_interval_ms / 1000,
             torch_threads=settings.torch_threads,
         )
         await asyncio.to_thread(engine.start, asyncio.get_running_loop())
@@ -80,6 +81,10 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
             prefix=settings.redis_prefix,
             timeout_s=settings.redis_timeout_s,
         )
+        try:
+            await store.open_connections(settings.max_streams)
+        except StoreUnavailable as err:  # not fatal: /readyz reports it, and the pool connects later
+            log.warning("cannot connect to the session store yet: %s", err)
         generations = Generations(engine, store, loaded, settings, metrics)
         app.state.model, app.state.engine, app.state.store = loaded, engine, store
         app.state.generations = generations

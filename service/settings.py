@@ -62,6 +62,9 @@ class Settings(BaseSettings):
         32, ge=0, description="a prompt with at most this many characters left is fed inside the batched steps"
     )
     stream_window: int = Field(64, ge=1, description="characters the engine may run ahead of what a client was sent")
+    flush_interval_ms: float = Field(
+        2.0, ge=0, description="the engine hands text to the event loop at most this often while it keeps working"
+    )
 
     # access and lifecycle (issue 6)
     api_keys: SecretStr = Field(
