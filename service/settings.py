@@ -61,9 +61,12 @@ class Settings(BaseSettings):
     step_prefill_chars: int = Field(
         32, ge=0, description="a prompt with at most this many characters left is fed inside the batched steps"
     )
-    stream_window: int = Field(64, ge=1, description="characters the engine may run ahead of what a client was sent")
+    stream_window: int = Field(128, ge=1, description="characters the engine may run ahead of what a client was sent")
     flush_interval_ms: float = Field(
-        2.0, ge=0, description="the engine hands text to the event loop at most this often while it keeps working"
+        20.0,
+        ge=0,
+        description="while busy, the engine hands text to the event loop at most this often (a stream's first "
+        "characters and its end go out at once)",
     )
 
     # access and lifecycle (issue 6)
@@ -82,6 +85,11 @@ class Settings(BaseSettings):
 
     # torch on this CPU
     torch_threads: int = Field(1, ge=1)
+    gil_switch_interval_ms: float = Field(
+        0.5,
+        gt=0,
+        description="how long a Python thread may keep the GIL while another waits (docs: the engine and the GIL)",
+    )
     mkldnn: bool = False
     log_level: str = "info"
 

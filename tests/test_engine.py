@@ -207,6 +207,58 @@ def test_cancel_saves_the_state_after_what_the_client_was_sent(model: LoadedMode
     with_engine(model, scenario, stream_window=32)
 
 
+def test_text_is_handed_over_in_pieces_but_first_and_last_at_once(model: LoadedModel) -> None:
+    """While busy the engine hands text over at most every flush interval, one piece per stream;
+    a stream's first characters and its end never wait for the interval."""
+
+    async def scenario(engine: Engine) -> None:
+        full, _ = await collect(engine, req(model, n=300, temperature=0))
+        started = asyncio.get_running_loop().time()
+        handles = [engine.submit(req(model, n=300, temperature=0)) for _ in range(3)]
+        for handle in handles:
+            pieces = []
+            while (piece := await handle.text.get()) is not None:
+                pieces.append(piece)
+            assert "".join(pieces) == full
+            # the first character at once, the rest when a row started or finished: without the
+            # interval each of the 300 characters would be its own piece
+            assert len(pieces[0]) == 1 and len(pieces) <= 5
+            assert (await handle.finished).completion_chars == 300
+        assert asyncio.get_running_loop().time() - started < 30  # not one 60 s interval waited
+
+    with_engine(model, scenario, flush_interval_s=60.0)
+
+
+def test_a_stream_ahead_of_its_client_hands_over_what_it_has(model: LoadedModel) -> None:
+    """A streamed row that reaches its window stops, and its text goes out even mid-interval."""
+
+    async def scenario(engine: Engine) -> None:
+        request = req(model, n=500, temperature=0)
+        request.auto_ack = False
+        handle = engine.submit(request)
+        received = ""
+        while len(received) < 40:  # never acked: the engine must stop 40 characters ahead
+            received += await handle.text.get()  # type: ignore[operator]
+        await asyncio.sleep(0.2)
+        assert len(received) + sum(len(p) for p in drain(handle.text)) == 40
+        handle.ack(40)
+        while len(received) < 80:
+            received += await handle.text.get()  # type: ignore[operator]
+        handle.cancel()
+        assert (await handle.finished).completion_chars == 40
+
+    with_engine(model, scenario, flush_interval_s=60.0, stream_window=40)
+
+
+def drain(queue: asyncio.Queue[str | None]) -> list[str]:
+    items = []
+    while not queue.empty():
+        item = queue.get_nowait()
+        assert item is not None
+        items.append(item)
+    return items
+
+
 def test_priming_with_nothing_leaves_a_fresh_state_fresh(model: LoadedModel) -> None:
     async def scenario(engine: Engine) -> None:
         text, fin = await collect(engine, req(model, prompt="", n=0))

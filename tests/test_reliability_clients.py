@@ -100,9 +100,10 @@ def test_never_reading_clients_stop_generation_memory_stays_bounded_and_rows_are
         try:
             wait_until(lambda: metric(client, srv.url, "chargen_active_streams") >= 16, what="the streams")
             # generation stops: each row waits CHARGEN_STREAM_WINDOW characters past what its
-            # connection accepted, and the connection accepts only its buffers' worth
+            # connection accepted, and the connection accepts only its buffers' worth (~200 KB
+            # of socket and transport buffers; a piece carries many characters, ~1 byte each)
             total = plateau(client, srv.url, "chargen_chars_generated_total")
-            assert total < 16 * 20_000, total  # asked for 16 x 10 million
+            assert total < 16 * 100_000, total  # asked for 16 x 10 million
             rss_growth = process.memory_info().rss - rss_before
             assert rss_growth < 64 * 2**20, f"RSS grew {rss_growth / 2**20:.0f} MiB"
             # after CHARGEN_STREAM_STALL_TIMEOUT_S without progress the rows, slots and leases are freed
@@ -114,7 +115,7 @@ def test_never_reading_clients_stop_generation_memory_stays_bounded_and_rows_are
             assert metric(client, srv.url, "chargen_active_streams") == 0
             for sid in sessions:  # usable again, saved at what its connection accepted
                 consumed = client.get(f"{srv.url}/v1/sessions/{sid}").json()["chars_consumed"]
-                assert len(PROMPT) < consumed < len(PROMPT) + 20_000
+                assert len(PROMPT) < consumed < len(PROMPT) + 100_000
                 more = client.post(srv.url + "/v1/generate", json={"session_id": sid, "max_new_chars": 5})
                 assert more.status_code == 200, more.text
             assert process.is_running() and client.get(srv.url + "/healthz").status_code == 200
