@@ -3,15 +3,17 @@
 One run does these, all with the same torch intra-op thread setting (the service's
 ``CHARGEN_TORCH_THREADS``, 1 by default):
 
-1. the ceiling: the artifact's ``step`` in a tight loop at each batch size, in this process, no
-   HTTP, no sampling: characters/s = batch / seconds per step;
+1. a diagnostic: the batching engine alone in this process (no HTTP) at each level;
 2. the service with batching on: ``chargen serve`` (uvicorn) in a subprocess with sessions in a
    real ``redis-server`` started here on a free port; for each level N, N clients each create a
-   session, then all stream ``--chars`` characters at once (SSE, ``POST /v1/generate``); printed
-   per level: aggregate characters/s, time to first character (TTFC) and time between characters
-   (TBC), p50 and p99, as the clients see them;
-3. the baseline: the same service with batching off (``CHARGEN_MAX_BATCH=1``) at the highest level;
-4. a diagnostic: the batching engine alone in this process (no HTTP) at each level.
+   session, then all stream ``--chars`` characters at once (SSE, ``POST /v1/generate``), in bursts
+   repeated until ``--min-seconds`` were measured; printed per level: aggregate characters/s
+   (median over the bursts), time to first character (TTFC) and time between characters (TBC),
+   p50 and p99, as the clients see them;
+3. the ceiling: the artifact's ``step`` in a tight loop at the level's batch size, in this
+   process, no HTTP, no sampling (characters/s = batch / seconds per step), read right before
+   and right after each level, the higher reading used (this machine drifts ±25 % in minutes);
+4. the baseline: the same service with batching off (``CHARGEN_MAX_BATCH=1``) at the highest level.
 
 Then the ratios against the targets of issue 4. Characters that arrive in one SSE event count as
 arriving together (a gap of 0 for all but the first).
@@ -265,7 +267,10 @@ async def one_stream(url: str, body: dict[str, Any], go: asyncio.Event) -> Strea
     return StreamResult((first or last) - started, gaps, chars, started, last)
 
 
-async def run_level(url: str, streams: int, chars: int, prompt: str, seed: int | None, sessions: bool) -> Level:
+async def run_burst(
+    url: str, streams: int, chars: int, prompt: str, seed: int | None, sessions: bool
+) -> list[StreamResult]:
+    """`streams` clients start streaming at the same moment; each gets `chars` characters."""
     import httpx
 
     bodies = [
@@ -290,18 +295,43 @@ async def run_level(url: str, streams: int, chars: int, prompt: str, seed: int |
     got = sum(r.chars for r in results)
     if got != streams * chars:
         raise RuntimeError(f"expected {streams * chars} characters, got {got}")
-    seconds = max(r.ended for r in results) - min(r.started for r in results)
-    ttfc = [r.ttfc for r in results]
-    gaps = [g for r in results for g in r.gaps]
+    return results
+
+
+def run_level(
+    url: str, streams: int, chars: int, prompt: str, seed: int | None, sessions: bool, min_seconds: float
+) -> Level:
+    """Bursts of `streams` clients, repeated until `min_seconds` were measured (at least one).
+
+    Characters/s is the median over the bursts (one burst of a lone 500-character stream lasts
+    a quarter of a second: too short to read on this machine); TTFC and TBC percentiles are over
+    every stream of every burst.
+    """
+    rates: list[float] = []
+    ttfc: list[float] = []
+    gaps: list[float] = []
+    measured = 0.0
+    got = 0
+    while measured < min_seconds or not rates:
+        results = asyncio.run(run_burst(url, streams, chars, prompt, seed, sessions))
+        seconds = max(r.ended for r in results) - min(r.started for r in results)
+        burst_chars = sum(r.chars for r in results)
+        rates.append(burst_chars / seconds)
+        ttfc += [r.ttfc for r in results]
+        gaps += [g for r in results for g in r.gaps]
+        measured += seconds
+        got += burst_chars
+    rates.sort()
     return Level(
         streams,
-        got / seconds,
+        rates[len(rates) // 2],
         1e3 * percentile(ttfc, 50),
         1e3 * percentile(ttfc, 99),
         1e3 * percentile(gaps, 50),
         1e3 * percentile(gaps, 99),
         got,
-        seconds,
+        measured,
+        {"bursts": len(rates)},
     )
 
 
@@ -309,7 +339,7 @@ def warm_up(url: str, prompt: str, streams: int, sessions: bool) -> None:
     """A first burst at the highest level, unmeasured: what a service that has run for a minute
     has already done once (pooled Redis connections, every batch size's first steps, the
     framework's first requests). Measured cold, the first 64-stream burst had ~2.5x the TTFC."""
-    asyncio.run(run_level(url, streams, 20, prompt, None, sessions))
+    asyncio.run(run_burst(url, streams, 20, prompt, None, sessions))
 
 
 def measure_engine(model_path: Path, streams: int, chars: int, prompt: str, threads: int) -> float:
@@ -374,14 +404,16 @@ def prompt_feed_ms(model_path: Path, prompt_chars: int, threads: int) -> float:
 # ---- report --------------------------------------------------------------------------------
 
 
-def table(title: str, levels: list[Level], ceiling: dict[int, float]) -> str:
+def table(title: str, levels: list[Level], ceiling: dict[int, float] | None = None) -> str:
+    """One row per level; the ratio is against the level's own ceiling readings (else `ceiling`)."""
     lines = [
         title,
         f"{'streams':>7} {'chars/s':>9} {'x ceiling':>9} {'TTFC p50':>9} {'TTFC p99':>9} "
         f"{'TBC p50':>8} {'TBC p99':>8}   (ms)",
     ]
     for lv in levels:
-        ratio = lv.chars_per_s / ceiling[lv.streams] if lv.streams in ceiling else math.nan
+        roof = lv.extra.get("ceiling") or (ceiling or {}).get(lv.streams)
+        ratio = lv.chars_per_s / roof if roof else math.nan
         lines.append(
             f"{lv.streams:>7} {lv.chars_per_s:>9.0f} {ratio:>9.2f} {lv.ttfc_p50_ms:>9.1f} {lv.ttfc_p99_ms:>9.1f} "
             f"{lv.tbc_p50_ms:>8.2f} {lv.tbc_p99_ms:>8.2f}"
@@ -400,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="1,8,32,64", help="concurrent streams, comma-separated")
     parser.add_argument("--prompt", default=PROMPT, help="prompt every stream sends")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (service and ceiling)")
-    parser.add_argument("--ceiling-seconds", type=float, default=2.0, help="tight-loop time per batch size")
+    parser.add_argument("--ceiling-seconds", type=float, default=1.5, help="tight-loop time per ceiling reading")
+    parser.add_argument("--min-seconds", type=float, default=4.0, help="measured time per level (bursts repeat)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the CHARGEN_MAX_BATCH=1 service")
     parser.add_argument("--no-sessions", action="store_true", help="stateless streams (no Redis sessions)")
     parser.add_argument("--seed", type=int, default=None, help="seed stream i with SEED+i (default: unseeded)")
@@ -419,19 +452,29 @@ def main(argv: list[str] | None = None) -> int:
         f"torch threads {args.threads}, sessions in Redis: {sessions}",
         flush=True,
     )
-    ceiling = {n: measure_ceiling(model, n, args.threads, args.ceiling_seconds) for n in levels}
     feed_ms = prompt_feed_ms(model, len(args.prompt), args.threads)
-    engine_only = {n: measure_engine(model, n, args.chars, args.prompt, args.threads) for n in levels}
-    print(
-        "ceiling (artifact step, tight loop): " + ", ".join(f"batch {n}: {v:.0f} chars/s" for n, v in ceiling.items()),
-        flush=True,
-    )
     print(f"prompt feeding: {feed_ms:.2f} ms per prompt (one row)", flush=True)
-    print(
-        "engine alone (no HTTP): "
-        + ", ".join(f"{n} streams: {v:.0f} chars/s ({v / ceiling[n]:.2f} x ceiling)" for n, v in engine_only.items()),
-        flush=True,
-    )
+    engine_only: dict[int, float] = {}
+    for n in levels:
+        roof = measure_ceiling(model, n, args.threads, args.ceiling_seconds)
+        engine_only[n] = measure_engine(model, n, args.chars, args.prompt, args.threads)
+        ratio = engine_only[n] / roof
+        print(f"engine alone (no HTTP), {n} streams: {engine_only[n]:.0f} chars/s ({ratio:.2f} x ceiling)", flush=True)
+
+    # This machine drifts (±25 % within minutes): every level's ceiling is read right before and
+    # right after that level runs, and the higher reading is used, so a ratio is never flattered
+    # by a slow reading.
+    ceiling: dict[int, float] = {}
+    readings: dict[str, list[float]] = {}
+
+    def with_ceiling(key: str, batch: int, run: Any) -> Level:
+        before = measure_ceiling(model, batch, args.threads, args.ceiling_seconds)
+        level = run()
+        after = measure_ceiling(model, batch, args.threads, args.ceiling_seconds)
+        readings[key] = [before, after]
+        ceiling[batch] = max(ceiling.get(batch, 0.0), before, after)
+        level.extra["ceiling"] = max(before, after)
+        return level
 
     top = max(levels)
     env = {
@@ -443,38 +486,38 @@ def main(argv: list[str] | None = None) -> int:
     batched: list[Level] = []
     baseline: list[Level] = []
     seeded_single: Level | None = None
+    secs = args.min_seconds
     with Redis() as redis:
         env["CHARGEN_STATE_URL"] = redis.url if sessions else "memory://"
         with Service(model, env) as service:
             warm_up(service.url, args.prompt, top, sessions)
             for n in levels:
-                lv = asyncio.run(run_level(service.url, n, args.chars, args.prompt, args.seed, sessions))
+                lv = with_ceiling(
+                    str(n), n, lambda n=n: run_level(service.url, n, args.chars, args.prompt, args.seed, sessions, secs)
+                )
                 batched.append(lv)
-                print(table("", [lv], ceiling).splitlines()[-1], flush=True)
+                print(table("", [lv]).splitlines()[-1], flush=True)
             if args.also_seeded_single:
-                seeded_single = asyncio.run(run_level(service.url, 1, args.chars, args.prompt, 1, sessions))
+                seeded_single = with_ceiling(
+                    "1 seeded", 1, lambda: run_level(service.url, 1, args.chars, args.prompt, 1, sessions, secs)
+                )
         if not args.no_baseline:
             with Service(model, {**env, "CHARGEN_MAX_BATCH": "1"}) as service:
                 warm_up(service.url, args.prompt, top, sessions)
-                baseline.append(asyncio.run(run_level(service.url, top, args.chars, args.prompt, args.seed, sessions)))
-
-    # The machine drifts (±20 % between minutes here): measure the ceiling again after the service
-    # runs and keep the higher of the two, so a ratio is never flattered by a slow first reading.
-    again = {n: measure_ceiling(model, n, args.threads, args.ceiling_seconds) for n in levels}
-    readings = ", ".join(f"batch {n}: {v:.0f}" for n, v in again.items())
-    print(f"ceiling again: {readings} chars/s (the higher reading is used)", flush=True)
-    ceiling = {n: max(ceiling[n], again[n]) for n in levels}
+                baseline.append(run_level(service.url, top, args.chars, args.prompt, args.seed, sessions, secs))
+    shown = "; ".join(f"{key}: {a:.0f} / {b:.0f}" for key, (a, b) in readings.items())
+    print(f"ceiling readings before / after each level, chars/s: {shown} (the higher is used)", flush=True)
     print()
-    print(table("service, batching on (CHARGEN_MAX_BATCH=64)", batched, ceiling))
+    print(table("service, batching on (CHARGEN_MAX_BATCH=64)", batched))
     if seeded_single is not None:
-        print(table("one seeded stream", [seeded_single], ceiling).splitlines()[-1])
+        print(table("one seeded stream", [seeded_single]).splitlines()[-1])
     if baseline:
         print(table("\nservice, batching off (CHARGEN_MAX_BATCH=1)", baseline, ceiling))
     print("\ntargets (issue 4):")
     by_n = {lv.streams: lv for lv in batched}
     checks: dict[str, Any] = {}
     if top in by_n:
-        r = by_n[top].chars_per_s / ceiling[top]
+        r = by_n[top].chars_per_s / by_n[top].extra["ceiling"]
         checks[f"{top} streams >= 0.7 x ceiling@{top}"] = (r, r >= 0.7)
         if baseline:
             b = by_n[top].chars_per_s / baseline[0].chars_per_s
@@ -485,10 +528,10 @@ def main(argv: list[str] | None = None) -> int:
             by_n[top].ttfc_p99_ms <= limit,
         )
     if 1 in by_n:
-        r = by_n[1].chars_per_s / ceiling[1]
+        r = by_n[1].chars_per_s / by_n[1].extra["ceiling"]
         checks["1 stream >= 0.8 x ceiling@1"] = (r, r >= 0.8)
     if seeded_single is not None:
-        r = seeded_single.chars_per_s / ceiling[1]
+        r = seeded_single.chars_per_s / seeded_single.extra["ceiling"]
         checks["1 seeded stream >= 0.8 x ceiling@1"] = (r, r >= 0.8)
     for name, (value, ok) in checks.items():
         print(f"  {name}: {value:.2f} -> {verdict(ok)}")
@@ -502,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": args.threads,
                     "sessions": sessions,
                     "ceiling": ceiling,
+                    "ceiling_readings": readings,
                     "prompt_feed_ms": feed_ms,
                     "engine_only": engine_only,
                     "batched": [asdict(lv) for lv in batched],

@@ -24,7 +24,7 @@ PROMPT = "ROMEO:\nthe night "  # characters the tiny artifact knows
 def test_serve_throughput_runs_end_to_end(tiny_artifact: Path, tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     args = ["--model", str(tiny_artifact), "--levels", "1,2", "--chars", "20", "--prompt", PROMPT]
-    args += ["--ceiling-seconds", "0.1", "--also-seeded-single", "--json", str(out)]
+    args += ["--ceiling-seconds", "0.1", "--min-seconds", "0", "--also-seeded-single", "--json", str(out)]
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "serve_throughput.py"), *args],
         capture_output=True,
@@ -38,6 +38,8 @@ def test_serve_throughput_runs_end_to_end(tiny_artifact: Path, tmp_path: Path) -
     assert all(lv["chars"] == lv["streams"] * 20 and lv["chars_per_s"] > 0 for lv in figures["batched"])
     assert figures["baseline"][0]["streams"] == 2 and figures["seeded_single"]["chars"] == 20
     assert set(figures["ceiling"]) == {"1", "2"}
+    assert all(lv["extra"]["bursts"] == 1 and lv["extra"]["ceiling"] > 0 for lv in figures["batched"])
+    assert set(figures["ceiling_readings"]) == {"1", "2", "1 seeded"}
 
 
 @pytest.mark.skipif(shutil.which("locust", path=str(Path(sys.executable).parent)) is None, reason="needs locust")
