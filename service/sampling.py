@@ -131,10 +131,14 @@ def sample_row(logits: list[float], params: SamplingParams, u: float) -> int:
         order = sorted(range(len(logits)), key=logits.__getitem__, reverse=True)
         if cut_k:
             order = order[: params.top_k]
+        values = [logits[i] for i in order]
     else:
         order = range(len(logits))  # type: ignore[assignment]
-    top = max(logits)
-    weights = [math.exp((logits[i] - top) / temperature) for i in order]
+        values = logits
+    scale = 1.0 / temperature
+    shift = max(logits) * scale  # exp(x/T - max/T): the largest weight is 1, none overflows
+    exp = math.exp
+    weights = [exp(x * scale - shift) for x in values]
     if cut_p:
         limit = params.top_p * sum(weights)  # type: ignore[operator]
         mass, kept = 0.0, 0
