@@ -48,7 +48,7 @@ from torch import Tensor
 
 from service.artifact import LoadedModel
 from service.metrics import Metrics
-from service.sampling import BatchParams, SamplingParams, sample_batch, sample_row
+from service.sampling import BatchParams, SamplingParams, sample_row, step_sampler
 from service.state_codec import SessionState, encode_state
 
 log = logging.getLogger("chargen.engine")
@@ -247,6 +247,7 @@ class Engine:
         self._last_c: Tensor | None = None
         self._last_params: BatchParams | None = None
         self._pad_cache: dict[int, tuple[Tensor, Tensor]] = {}
+        self._step_sampler = step_sampler(model.module)
 
     # ---- event-loop side -------------------------------------------------------------------
 
@@ -454,15 +455,17 @@ class Engine:
             params = BatchParams.of([r.params for r in batch], len(self.model.vocab))
         feed = [r.to_prefill[r.fed] if r.feeding_in_steps else r.pending for r in batch] + [0] * pad
         tokens = torch.from_numpy(np.array(feed, dtype=np.int64))  # a third of torch.tensor(list)'s cost
-        logits, h2, c2 = self.model.module.step(tokens, h, c)
         # one draw per sampled character from each row's own PRNG; rows still feeding draw none
         uniforms = [0.0 if f or r.greedy else r.rng.random() for f, r in zip(feeding, batch, strict=True)]
         assert params is not None
         if not exact and n <= SMALL_BATCH:  # a few unseeded rows: plain Python beats ~10 torch ops
+            logits, h2, c2 = self.model.module.step(tokens, h, c)
             rows = logits.tolist()
             choices = [-1 if feeding[i] else sample_row(rows[i], r.params, uniforms[i]) for i, r in enumerate(batch)]
-        else:
-            choices = sample_batch(logits[:n] if pad else logits, params, uniforms)
+        else:  # the step and the sampling in one scripted call: the GIL is given up once
+            u = torch.tensor(uniforms, dtype=torch.float64)
+            picked, h2, c2 = self._step_sampler(tokens, h, c, params, u, n)
+            choices = picked.tolist()
         self._last_batch, self._last_h, self._last_c, self._last_params = batch, h2, c2, params
 
         now = time.perf_counter()

@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 import random
 import secrets
+import warnings
 from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,11 @@ class SamplingParams:
         return random.Random(self.seed if self.seed is not None else secrets.randbits(64))
 
 
-@dataclass
-class BatchParams:
-    """The parameters of the rows of one batch as tensors; reused while the batch is unchanged."""
+class BatchParams(NamedTuple):
+    """The parameters of the rows of one batch as tensors; reused while the batch is unchanged.
+
+    A NamedTuple so that the TorchScript sampler (`sample_logits`, `StepSampler`) takes it whole.
+    """
 
     temperature: Tensor  # float64 [B, 1], 1 where greedy
     greedy: Tensor  # bool [B]
@@ -73,10 +77,10 @@ class BatchParams:
         )
 
 
-def sample_batch(logits: Tensor, params: BatchParams, uniforms: list[float]) -> list[int]:
-    """logits [B, V] -> one character id per row.
+def sample_logits(logits: Tensor, params: BatchParams, u: Tensor) -> Tensor:
+    """logits [B, V] -> one character id per row [B] (TorchScript-compatible: see `StepSampler`).
 
-    uniforms[i] in [0, 1) is row i's random draw (ignored for greedy rows). Greedy takes the first
+    u [B] in [0, 1) holds each row's random draw (ignored for greedy rows). Greedy takes the first
     maximum, like argmax. Sampling scales by 1/temperature and inverts the CDF with the row's draw:
     over the vocabulary in its own order when the row keeps the whole distribution (no sort: the
     common case costs a handful of vectorised ops), and over the sorted distribution when it has a
@@ -84,9 +88,9 @@ def sample_batch(logits: Tensor, params: BatchParams, uniforms: list[float]) -> 
     two a row takes depends only on its own parameters, never on the other rows.
     """
     if params.all_greedy:
-        return torch.argmax(logits, dim=1).tolist()
+        return torch.argmax(logits, dim=1)
     x = logits.to(torch.float64) / params.temperature
-    u = torch.tensor(uniforms, dtype=torch.float64).unsqueeze(1)
+    u = u.to(torch.float64).unsqueeze(1)
     if params.all_cut:
         picked = sample_sorted(x, params, u)
     else:
@@ -95,7 +99,7 @@ def sample_batch(logits: Tensor, params: BatchParams, uniforms: list[float]) -> 
             picked = torch.where(params.cut, sample_sorted(x, params, u), picked)
     if params.any_greedy:
         picked = torch.where(params.greedy, torch.argmax(logits, dim=1), picked)
-    return picked.tolist()
+    return picked
 
 
 def invert_cdf(probs: Tensor, u: Tensor) -> Tensor:
@@ -114,6 +118,46 @@ def sample_sorted(x: Tensor, params: BatchParams, u: Tensor) -> Tensor:
         mass_before = probs.cumsum(dim=1) - probs
         probs = probs * ((mass_before < params.top_p) | (params.top_p >= 1.0))
     return order.gather(1, invert_cdf(probs, u).unsqueeze(1)).squeeze(1)
+
+
+class StepSampler(nn.Module):
+    """The artifact's ``step`` and every row's sampling, as ONE TorchScript call per engine tick.
+
+    Each eager torch op gives up the GIL and must take it back; beside an event loop that is busy
+    with 64 streams, taking it back can wait a whole switch interval. Scripted, the tick's model
+    step and its ~10 sampling ops release the GIL once. Only the first ``rows`` rows are sampled
+    (the rest pad the step).
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, tokens: Tensor, h: Tensor, c: Tensor, params: BatchParams, u: Tensor, rows: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        logits, h, c = self.model.step(tokens, h, c)
+        return sample_logits(logits[:rows], params, u), h, c
+
+
+def _script(obj: Any) -> Any:
+    with warnings.catch_warnings():  # torch.jit is deprecated; the artifact is TorchScript all the same
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        return torch.jit.script(obj)
+
+
+_sample_logits_scripted = _script(sample_logits)
+
+
+def step_sampler(model: Any) -> nn.Module:
+    """`StepSampler` for a loaded artifact, compiled; for any other module with ``step``, eager."""
+    sampler = StepSampler(model)
+    return _script(sampler) if isinstance(model, torch.jit.ScriptModule) else sampler
+
+
+def sample_batch(logits: Tensor, params: BatchParams, uniforms: list[float]) -> list[int]:
+    """`sample_logits` from Python: one character id per row, from each row's draw in `uniforms`."""
+    return _sample_logits_scripted(logits, params, torch.tensor(uniforms, dtype=torch.float64)).tolist()
 
 
 def sample_row(logits: list[float], params: SamplingParams, u: float) -> int:

@@ -15,7 +15,7 @@ import torch
 from service.artifact import LoadedModel, load_model
 from service.engine import Engine, EngineFull, Finished, GenerationRequest, check_batch_invariance
 from service.metrics import Metrics
-from service.sampling import SamplingParams
+from service.sampling import BatchParams, SamplingParams, sample_batch, step_sampler
 from service.state_codec import decode_state
 
 T = TypeVar("T")
@@ -109,6 +109,35 @@ def test_seeded_text_does_not_depend_on_the_other_streams(model: LoadedModel) ->
     assert with_engine(model, crowded) == expected
     assert with_engine(model, crowded, max_batch=3) == expected  # rows rotate through small batches
     assert with_engine(model, crowded, prefill_chunk=5) == expected
+
+
+def test_the_scripted_step_sampler_is_the_step_then_the_sampler(model: LoadedModel) -> None:
+    """The engine's one call per tick gives the state of `step` and the picks of `sample_batch`."""
+    sampler = step_sampler(model.module)
+    assert isinstance(sampler, torch.jit.ScriptModule)  # compiled: the GIL is given up once
+    gen = torch.Generator().manual_seed(5)
+    rows, pad = 9, 3
+    with torch.inference_mode():
+        h = torch.randn(model.layers, rows + pad, model.hidden, generator=gen) * 0.5
+        c = torch.randn(model.layers, rows + pad, model.hidden, generator=gen)
+        tokens = torch.randint(0, len(model.vocab), (rows + pad,), generator=gen)
+        mixed = [
+            SamplingParams(),
+            SamplingParams(temperature=0),
+            SamplingParams(temperature=0.5, top_k=3),
+            SamplingParams(top_p=0.8),
+            SamplingParams(temperature=2.0, seed=1),
+            SamplingParams(top_k=1),
+            SamplingParams(temperature=0.7, top_k=10, top_p=0.9),
+            SamplingParams(temperature=1.3),
+            SamplingParams(temperature=0),
+        ]
+        params = BatchParams.of(mixed, len(model.vocab))
+        uniforms = [random.Random(i).random() for i in range(rows)]
+        picked, h2, c2 = sampler(tokens, h, c, params, torch.tensor(uniforms, dtype=torch.float64), rows)
+        logits, h_ref, c_ref = model.module.step(tokens, h, c)
+    assert torch.equal(h2, h_ref) and torch.equal(c2, c_ref)
+    assert picked.tolist() == sample_batch(logits[:rows], params, uniforms)
 
 
 class RowCounter:
