@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 import sys
@@ -93,6 +94,11 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         app.state.model, app.state.engine, app.state.store = loaded, engine, store
         app.state.generations = generations
         sweeper = asyncio.create_task(sweep_expired(store, metrics, settings.sweep_interval_s))
+        # What start-up made (modules, the model, the app) lives as long as the process: freeze it
+        # out of the cyclic GC. Its full collections walked all of it, 80-120 ms each under load,
+        # and every stream stalled for that long (docs/benchmarks.md).
+        gc.collect()
+        gc.freeze()
         log.info(
             "serving %s (%s) with sessions in %s",
             loaded.model_id,
