@@ -199,6 +199,29 @@ def check_batch_invariance(model: LoadedModel, min_rows: int, max_batch: int) ->
         )
 
 
+def gather_states(rows: list[_Row]) -> tuple[list[Tensor], list[Tensor]]:
+    """The rows' (h, c) as slices to concatenate: one slice per run of rows that sit side by side
+    in the same source tensor (rows that stepped together last tick), not one per row.
+
+    When a stream joins or leaves, the others still sit in last tick's output in order, so the
+    new batch is a few slices instead of 2 x 64 one-row slices.
+    """
+    hs: list[Tensor] = []
+    cs: list[Tensor] = []
+    first = rows[0]
+    h_src, c_src, start, end = first.h_src, first.c_src, first.idx, first.idx + 1
+    for row in rows[1:]:
+        if row.h_src is h_src and row.c_src is c_src and row.idx == end:
+            end += 1
+            continue
+        hs.append(h_src[:, start:end])
+        cs.append(c_src[:, start:end])
+        h_src, c_src, start, end = row.h_src, row.c_src, row.idx, row.idx + 1
+    hs.append(h_src[:, start:end])
+    cs.append(c_src[:, start:end])
+    return hs, cs
+
+
 class Engine:
     def __init__(
         self,
@@ -445,8 +468,7 @@ class Engine:
             h, c = self._last_h, self._last_c
             params = self._last_params
         else:
-            hs = [r.h_src[:, r.idx : r.idx + 1] for r in batch]
-            cs = [r.c_src[:, r.idx : r.idx + 1] for r in batch]
+            hs, cs = gather_states(batch)
             if pad:
                 ph, pc = self._padding(pad)
                 hs.append(ph)

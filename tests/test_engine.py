@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from service.artifact import LoadedModel, load_model
-from service.engine import Engine, EngineFull, Finished, GenerationRequest, check_batch_invariance
+from service.engine import Engine, EngineFull, Finished, GenerationRequest, check_batch_invariance, gather_states
 from service.metrics import Metrics
 from service.sampling import BatchParams, SamplingParams, sample_batch, step_sampler
 from service.state_codec import decode_state
@@ -138,6 +138,21 @@ def test_the_scripted_step_sampler_is_the_step_then_the_sampler(model: LoadedMod
         logits, h_ref, c_ref = model.module.step(tokens, h, c)
     assert torch.equal(h2, h_ref) and torch.equal(c2, c_ref)
     assert picked.tolist() == sample_batch(logits[:rows], params, uniforms)
+
+
+def test_gathering_a_batch_takes_one_slice_per_run_of_neighbouring_rows() -> None:
+    """Rows that stepped together are gathered as one slice; the batch is the same as row by row."""
+    from types import SimpleNamespace
+
+    last_h, last_c = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    new_h, new_c = torch.randn(2, 1, 3), torch.randn(2, 1, 3)  # a stream that just joined
+    rows = [SimpleNamespace(h_src=last_h, c_src=last_c, idx=i) for i in (0, 1, 3, 4)]  # row 2 left
+    rows.insert(2, SimpleNamespace(h_src=new_h, c_src=new_c, idx=0))
+    hs, cs = gather_states(rows)  # type: ignore[arg-type]
+    assert len(hs) == len(cs) == 3  # rows 0-1, the new one, rows 3-4
+    one_by_one = torch.cat([r.h_src[:, r.idx : r.idx + 1] for r in rows], dim=1)
+    assert torch.equal(torch.cat(hs, dim=1), one_by_one)
+    assert torch.equal(torch.cat(cs, dim=1), torch.cat([r.c_src[:, r.idx : r.idx + 1] for r in rows], dim=1))
 
 
 class RowCounter:
