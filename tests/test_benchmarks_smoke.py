@@ -42,6 +42,22 @@ def test_serve_throughput_runs_end_to_end(tiny_artifact: Path, tmp_path: Path) -
     assert set(figures["ceiling_readings"]) == {"1", "2", "1 seeded"}
 
 
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+def test_serve_ab_runs_two_services_side_by_side(tiny_artifact: Path) -> None:
+    args = ["--model", str(tiny_artifact), "--streams", "2", "--chars", "20", "--prompt", PROMPT, "--pairs", "2"]
+    args += ["--ceiling-seconds", "0.1", "--a-src", str(ROOT), "--b-env", "CHARGEN_MAX_BATCH=1"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve_ab.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 streams, 20 characters each, 2 pairs" in done.stdout and "CHARGEN_MAX_BATCH=1" in done.stdout
+    lines = {line.split(":")[0].strip(): line for line in done.stdout.splitlines() if ":" in line}
+    assert "x ceiling" in lines["A"] and "x ceiling" in lines["B"] and "B/A, median of the pairs" in lines
+
+
 @pytest.mark.skipif(shutil.which("locust", path=str(Path(sys.executable).parent)) is None, reason="needs locust")
 def test_locustfile_runs_headless_without_failures(tiny_artifact: Path, tmp_path: Path) -> None:
     locust = shutil.which("locust", path=str(Path(sys.executable).parent))
