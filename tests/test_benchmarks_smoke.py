@@ -20,19 +20,22 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "ROMEO:\nthe night "  # characters the tiny artifact knows
 
 
+def run_benchmark(script: str, args: list[str]) -> str:
+    """Run benchmarks/SCRIPT to the end; its stdout (the test fails with its output if it fails)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
 def test_serve_throughput_runs_end_to_end(tiny_artifact: Path, tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     args = ["--model", str(tiny_artifact), "--levels", "1,2", "--chars", "20", "--prompt", PROMPT]
     args += ["--ceiling-seconds", "0.1", "--min-seconds", "0", "--also-seeded-single", "--json", str(out)]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "serve_throughput.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "batching off" in done.stdout and "targets (issue 4)" in done.stdout
+    stdout = run_benchmark("serve_throughput.py", args)
+    assert "batching off" in stdout and "targets (issue 4)" in stdout
     figures = json.loads(out.read_text())
     assert [lv["streams"] for lv in figures["batched"]] == [1, 2]
     assert all(lv["chars"] == lv["streams"] * 20 and lv["chars_per_s"] > 0 for lv in figures["batched"])
@@ -46,15 +49,9 @@ def test_serve_throughput_runs_end_to_end(tiny_artifact: Path, tmp_path: Path) -
 def test_serve_ab_runs_two_services_side_by_side(tiny_artifact: Path) -> None:
     args = ["--model", str(tiny_artifact), "--streams", "2", "--chars", "20", "--prompt", PROMPT, "--pairs", "2"]
     args += ["--ceiling-seconds", "0.1", "--a-src", str(ROOT), "--b-env", "CHARGEN_MAX_BATCH=1"]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "serve_ab.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "2 streams, 20 characters each, 2 pairs" in done.stdout and "CHARGEN_MAX_BATCH=1" in done.stdout
-    lines = {line.split(":")[0].strip(): line for line in done.stdout.splitlines() if ":" in line}
+    stdout = run_benchmark("serve_ab.py", args)
+    assert "2 streams, 20 characters each, 2 pairs" in stdout and "CHARGEN_MAX_BATCH=1" in stdout
+    lines = {line.split(":")[0].strip(): line for line in stdout.splitlines() if ":" in line}
     assert "x ceiling" in lines["A"] and "x ceiling" in lines["B"] and "B/A, median of the pairs" in lines
 
 
