@@ -54,6 +54,7 @@ from service.state_codec import SessionState, encode_state
 log = logging.getLogger("chargen.engine")
 
 SMALL_BATCH = 4  # up to this many unseeded rows are sampled in plain Python (`sample_row`)
+MULTI_STEP_ROWS = 16  # up to this many rows take `decode_steps` characters per tick (ticks of ~10 ms at most)
 
 
 class EngineFull(RuntimeError):
@@ -119,6 +120,7 @@ class _Row:
         "emitted",
         "fed",
         "feeding_in_steps",
+        "finished",
         "generated",
         "greedy",
         "h_src",
@@ -165,6 +167,7 @@ class _Row:
         self.fed = 0
         self.feeding_in_steps = False  # True while the rest of the prompt rides in the batched steps
         self.decoding = False  # True once the prompt is fed
+        self.finished = False  # True once it has left the engine
         self.consumed_base = consumed_base
         self.generated = 0
         self.emitted = 0
@@ -234,6 +237,7 @@ class Engine:
         step_min_rows: int = 4,
         prefill_chunk: int = 64,
         step_prefill_chars: int = 32,
+        decode_steps: int = 8,
         stream_window: int = 128,
         flush_interval_s: float = 0.02,
         torch_threads: int = 1,
@@ -246,6 +250,7 @@ class Engine:
         self.step_min_rows = step_min_rows
         self.prefill_chunk = prefill_chunk
         self.step_prefill_chars = step_prefill_chars
+        self.decode_steps = decode_steps
         self.stream_window = stream_window
         self.flush_interval_s = flush_interval_s
         self._flushed_at = 0.0
@@ -453,6 +458,22 @@ class Engine:
             self._pad_cache[rows] = self.model.module.init_state(rows)
         return self._pad_cache[rows]
 
+    def _steps_for(self, batch: list[_Row], feeding: list[bool]) -> int:
+        """Characters each row takes this tick: ``decode_steps`` for a batch of up to
+        ``MULTI_STEP_ROWS`` rows while nobody waits (no new request, no prompt being read, no row
+        before its first character), so that the engine's Python runs once per that many
+        characters (it is a tenth of a lone stream's tick); otherwise one."""
+        steps = self.decode_steps
+        if steps == 1 or len(batch) > MULTI_STEP_ROWS or self._inbox or self._prefilling or any(feeding):
+            return 1
+        for row in batch:
+            if not row.generated:  # its first character goes out after one step, not after `steps`
+                return 1
+            steps = min(steps, row.max_new - row.generated)
+            if not row.req.auto_ack:  # never past the client's window
+                steps = min(steps, self.stream_window - (row.emitted - row.handle.acked))
+        return max(steps, 1)
+
     def _decode(self, ready: list[_Row]) -> None:
         if len(ready) > self.max_batch:  # more rows than one step takes: rotate who goes first
             start = self._rotate % len(ready)
@@ -463,6 +484,7 @@ class Engine:
         feeding = [r.feeding_in_steps for r in batch]
         exact = any(r.reproducible for r in batch)
         pad = max(0, self.step_min_rows - n) if exact else 0
+        steps = self._steps_for(batch, feeding)
         same = batch == self._last_batch and self._last_h is not None
         if same:  # steady state: last tick's output is this tick's input, no gathering
             h, c = self._last_h, self._last_c
@@ -477,46 +499,55 @@ class Engine:
             params = BatchParams.of([r.params for r in batch], len(self.model.vocab))
         feed = [r.to_prefill[r.fed] if r.feeding_in_steps else r.pending for r in batch] + [0] * pad
         tokens = torch.from_numpy(np.array(feed, dtype=np.int64))  # a third of torch.tensor(list)'s cost
-        # one draw per sampled character from each row's own PRNG; rows still feeding draw none
-        uniforms = [0.0 if f or r.greedy else r.rng.random() for f, r in zip(feeding, batch, strict=True)]
         assert params is not None
-        if not exact and n <= SMALL_BATCH:  # a few unseeded rows: plain Python beats ~10 torch ops
+        # one draw per sampled character from each row's own PRNG, in order; rows still feeding draw none
+        if steps == 1 and not exact and n <= SMALL_BATCH:  # a few unseeded rows: plain Python beats ~10 torch ops
+            uniforms = [0.0 if f else r.rng.random() for f, r in zip(feeding, batch, strict=True)]
             logits, h2, c2 = self.model.module.step(tokens, h, c)
             rows = logits.tolist()
-            choices = [-1 if feeding[i] else sample_row(rows[i], r.params, uniforms[i]) for i, r in enumerate(batch)]
-        else:  # the step and the sampling in one scripted call: the GIL is given up once
-            u = torch.tensor(uniforms, dtype=torch.float64)
-            picked, h2, c2 = self._step_sampler(tokens, h, c, params, u, n)
-            choices = picked.tolist()
-        self._last_batch, self._last_h, self._last_c, self._last_params = batch, h2, c2, params
+            picks = [[-1 if feeding[i] else sample_row(rows[i], r.params, uniforms[i]) for i, r in enumerate(batch)]]
+            states_h, states_c = [h2], [c2]
+        else:  # the steps and the sampling in one scripted call: the GIL is given up once
+            u = [
+                [0.0 if f or r.greedy else r.rng.random() for f, r in zip(feeding, batch, strict=True)]
+                for _ in range(steps)
+            ]
+            picked, states_h, states_c = self._step_sampler(
+                tokens, h, c, params, torch.tensor(u, dtype=torch.float64), n
+            )
+            picks = picked.tolist()
+        self._last_batch, self._last_h, self._last_c, self._last_params = batch, states_h[-1], states_c[-1], params
 
         now = time.perf_counter()
         vocab = self.model.vocab
         observe_gap = self.metrics.time_between_chars.observe
         sampled = 0
-        for i, row in enumerate(batch):
-            if feeding[i]:  # one more prompt character read; its pending (last) character stays
-                row.h_src, row.c_src, row.idx = h2, c2, i
-                row.fed += 1
-                if row.fed == len(row.to_prefill):
-                    self._ready(row)
-                continue
-            sampled += 1
-            choice = choices[i]
-            row.h_src, row.c_src, row.idx, row.pending = h2, c2, i, choice
-            row.snaps.append((h2, c2, i, choice))
-            row.generated += 1
-            if row.generated > 1:
-                observe_gap(now - row.last_char_at)
-            row.last_char_at = now
-            if row.stop or row.generated >= row.max_new or not row.emitted:
-                self._take_char(row, vocab[choice])
-            else:  # the common case, inline: one more character for the outbox
-                row.emitted += 1
-                row.outbox += vocab[choice]
-                self._outboxes[row] = None
+        for h2, c2, choices in zip(states_h, states_c, picks, strict=True):
+            for i, row in enumerate(batch):
+                if feeding[i]:  # one more prompt character read; its pending (last) character stays
+                    row.h_src, row.c_src, row.idx = h2, c2, i
+                    row.fed += 1
+                    if row.fed == len(row.to_prefill):
+                        self._ready(row)
+                    continue
+                if row.finished:  # a stop string ended it earlier in this tick: the rest is unused
+                    continue
+                sampled += 1
+                choice = choices[i]
+                row.h_src, row.c_src, row.idx, row.pending = h2, c2, i, choice
+                row.snaps.append((h2, c2, i, choice))
+                row.generated += 1
+                if row.generated > 1:
+                    observe_gap(now - row.last_char_at)  # 0 for all but the first of a tick's characters
+                row.last_char_at = now
+                if row.stop or row.generated >= row.max_new or not row.emitted:
+                    self._take_char(row, vocab[choice])
+                else:  # the common case, inline: one more character for the outbox
+                    row.emitted += 1
+                    row.outbox += vocab[choice]
+                    self._outboxes[row] = None
+            self.metrics.batch_size.observe(n)
         self.metrics.chars_generated.inc(sampled)
-        self.metrics.batch_size.observe(n)
 
     def _take_char(self, row: _Row, ch: str) -> None:
         """Stop strings: hold back text that may start one; a completed one ends the row, unreturned."""
@@ -569,6 +600,7 @@ class Engine:
         self._outboxes.pop(row, None)
         self._events.append((row.handle, Finished(reason, returned, consumed, blob, error)))
         self._urgent = True
+        row.finished = True
         self._rows.remove(row)
         if row in self._last_batch:
             self._last_batch = []  # the next batch differs: gather afresh

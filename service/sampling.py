@@ -121,12 +121,17 @@ def sample_sorted(x: Tensor, params: BatchParams, u: Tensor) -> Tensor:
 
 
 class StepSampler(nn.Module):
-    """The artifact's ``step`` and every row's sampling, as ONE TorchScript call per engine tick.
+    """The artifact's ``step`` and every row's sampling, K steps in ONE TorchScript call.
 
     Each eager torch op gives up the GIL and must take it back; beside an event loop that is busy
-    with 64 streams, taking it back can wait a whole switch interval. Scripted, the tick's model
-    step and its ~10 sampling ops release the GIL once. Only the first ``rows`` rows are sampled
-    (the rest pad the step).
+    with 64 streams, taking it back can wait a whole switch interval. Scripted, a tick's steps and
+    their ~10 sampling ops each release the GIL once. With K > 1 (small batches, see the engine)
+    each step's picks are fed to the next one, so the engine's Python runs once per K characters.
+
+    u [K, rows] holds each row's draw for each step. Only the first ``rows`` rows are sampled; the
+    rest pad the step (each step feeds them their token in ``tokens`` again). Returns the picks
+    [K, rows] and the state after each step, K tensors h and K tensors c [layers, batch, hidden].
+    Step k is exactly one call of `step` and `sample_logits`, so a row's text does not depend on K.
     """
 
     def __init__(self, model: Any) -> None:
@@ -135,9 +140,19 @@ class StepSampler(nn.Module):
 
     def forward(
         self, tokens: Tensor, h: Tensor, c: Tensor, params: BatchParams, u: Tensor, rows: int
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        logits, h, c = self.model.step(tokens, h, c)
-        return sample_logits(logits[:rows], params, u), h, c
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        picks: list[Tensor] = []
+        hs: list[Tensor] = []
+        cs: list[Tensor] = []
+        padding = tokens[rows:]
+        for k in range(u.shape[0]):
+            logits, h, c = self.model.step(tokens, h, c)
+            picked = sample_logits(logits[:rows], params, u[k])
+            picks.append(picked)
+            hs.append(h)
+            cs.append(c)
+            tokens = torch.cat([picked, padding])
+        return torch.stack(picks), hs, cs
 
 
 def _script(obj: Any) -> Any:

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     step_prefill_chars: int = Field(
         32, ge=0, description="a prompt with at most this many characters left is fed inside the batched steps"
     )
+    decode_steps: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="characters a batch of up to 4 rows takes per engine tick while no request waits (1: one per tick)",
+    )
     stream_window: int = Field(128, ge=1, description="characters the engine may run ahead of what a client was sent")
     flush_interval_ms: float = Field(
         20.0,

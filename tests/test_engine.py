@@ -112,11 +112,12 @@ def test_seeded_text_does_not_depend_on_the_other_streams(model: LoadedModel) ->
 
 
 def test_the_scripted_step_sampler_is_the_step_then_the_sampler(model: LoadedModel) -> None:
-    """The engine's one call per tick gives the state of `step` and the picks of `sample_batch`."""
+    """The engine's one call per tick gives the states of `step` and the picks of `sample_batch`,
+    each step's picks fed to the next (padding rows fed their token again), for one step or several."""
     sampler = step_sampler(model.module)
     assert isinstance(sampler, torch.jit.ScriptModule)  # compiled: the GIL is given up once
     gen = torch.Generator().manual_seed(5)
-    rows, pad = 9, 3
+    rows, pad, steps = 9, 3, 3
     with torch.inference_mode():
         h = torch.randn(model.layers, rows + pad, model.hidden, generator=gen) * 0.5
         c = torch.randn(model.layers, rows + pad, model.hidden, generator=gen)
@@ -133,11 +134,16 @@ def test_the_scripted_step_sampler_is_the_step_then_the_sampler(model: LoadedMod
             SamplingParams(temperature=0),
         ]
         params = BatchParams.of(mixed, len(model.vocab))
-        uniforms = [random.Random(i).random() for i in range(rows)]
-        picked, h2, c2 = sampler(tokens, h, c, params, torch.tensor(uniforms, dtype=torch.float64), rows)
-        logits, h_ref, c_ref = model.module.step(tokens, h, c)
-    assert torch.equal(h2, h_ref) and torch.equal(c2, c_ref)
-    assert picked.tolist() == sample_batch(logits[:rows], params, uniforms)
+        draws = [[random.Random(k * rows + i).random() for i in range(rows)] for k in range(steps)]
+        picked, hs, cs = sampler(tokens, h, c, params, torch.tensor(draws, dtype=torch.float64), rows)
+        padding = tokens[rows:].tolist()
+        assert picked.shape == (steps, rows) and len(hs) == len(cs) == steps
+        for k in range(steps):
+            logits, h, c = model.module.step(tokens, h, c)
+            assert torch.equal(hs[k], h) and torch.equal(cs[k], c)
+            expected = sample_batch(logits[:rows], params, draws[k])
+            assert picked[k].tolist() == expected
+            tokens = torch.tensor(expected + padding)
 
 
 def test_gathering_a_batch_takes_one_slice_per_run_of_neighbouring_rows() -> None:
@@ -349,8 +355,35 @@ def test_metrics_of_the_engine_move(model: LoadedModel) -> None:
     value = metrics.registry.get_sample_value
     assert value("chargen_chars_generated_total") == 250
     assert value("chargen_engine_batch_size_count") >= 50
-    assert value("chargen_engine_tick_seconds_count") >= 50
+    assert value("chargen_engine_tick_seconds_count") >= 50 / 8  # up to 8 characters per tick (decode_steps)
     assert value("chargen_time_between_chars_seconds_count") == 245
+
+
+def test_a_small_batch_takes_several_characters_per_tick_with_the_same_text_and_states(model: LoadedModel) -> None:
+    """`decode_steps` characters per tick for up to 4 rows: a tick's Python serves 8 characters,
+    and seeded text, stop strings, lengths and saved states are those of one character per tick."""
+
+    async def scenario(engine: Engine) -> tuple[list[tuple[str, str, int, bytes | None]], float]:
+        ticks = engine.metrics.tick_seconds.counts
+        before = sum(ticks)
+        runs = [
+            req(model, n=203, seed=7, temperature=0.9),  # 203: the last tick takes what is left
+            req(model, n=150, seed=8, top_k=5, stop=["th", "\u00a7never"]),
+            req(model, n=120, temperature=0),
+        ]
+        results = []
+        for request in runs:
+            text, fin = await collect(engine, request)
+            results.append((text, fin.reason, fin.chars_consumed, fin.state))
+        crowd = await asyncio.gather(*(collect(engine, r) for r in runs))  # three rows side by side
+        results += [(text, fin.reason, fin.chars_consumed, fin.state) for text, fin in crowd]
+        return results, sum(ticks) - before
+
+    one_per_tick, ticks_one = with_engine(model, scenario, decode_steps=1)
+    eight_per_tick, ticks_eight = with_engine(model, scenario, decode_steps=8)
+    assert eight_per_tick == one_per_tick
+    assert one_per_tick[1][1] == "stop"  # the stop string was met, mid-tick or not
+    assert ticks_eight < ticks_one / 4
 
 
 class CallCounter(RowCounter):
