@@ -461,7 +461,7 @@ class Engine:
     def _steps_for(self, batch: list[_Row], feeding: list[bool]) -> int:
         """Characters each row takes this tick: ``decode_steps`` for a batch of up to
         ``MULTI_STEP_ROWS`` rows while nobody waits (no new request, no prompt being read, no row
-        before its first character), so that the engine's Python runs once per that many
+        before its first character, no row left out of the batch), so that the engine's Python runs once per that many
         characters (it is a tenth of a lone stream's tick); otherwise one."""
         steps = self.decode_steps
         if steps == 1 or len(batch) > MULTI_STEP_ROWS or self._inbox or self._prefilling or any(feeding):
@@ -475,7 +475,8 @@ class Engine:
         return max(steps, 1)
 
     def _decode(self, ready: list[_Row]) -> None:
-        if len(ready) > self.max_batch:  # more rows than one step takes: rotate who goes first
+        left_out = len(ready) > self.max_batch
+        if left_out:  # more rows than one step takes: rotate who goes first
             start = self._rotate % len(ready)
             ready = (ready[start:] + ready[:start])[: self.max_batch]
             self._rotate += self.max_batch
@@ -484,7 +485,7 @@ class Engine:
         feeding = [r.feeding_in_steps for r in batch]
         exact = any(r.reproducible for r in batch)
         pad = max(0, self.step_min_rows - n) if exact else 0
-        steps = self._steps_for(batch, feeding)
+        steps = 1 if left_out else self._steps_for(batch, feeding)  # rows waiting for a turn: one each
         same = batch == self._last_batch and self._last_h is not None
         if same:  # steady state: last tick's output is this tick's input, no gathering
             h, c = self._last_h, self._last_c

@@ -386,6 +386,22 @@ def test_a_small_batch_takes_several_characters_per_tick_with_the_same_text_and_
     assert ticks_eight < ticks_one / 4
 
 
+def test_rows_waiting_for_a_turn_keep_one_character_per_tick(model: LoadedModel) -> None:
+    """More ready rows than max_batch: the batch rotates one character at a time, or a row left
+    out would wait 8 steps of the others for each of its characters."""
+
+    async def crowd(engine: Engine) -> tuple[list[str], int]:
+        ticks = engine.metrics.tick_seconds.counts
+        before = sum(ticks)
+        done = await asyncio.gather(*(collect(engine, req(model, n=60, seed=i)) for i in range(5)))
+        return [text for text, _ in done], sum(ticks) - before
+
+    texts_one, ticks_one = with_engine(model, crowd, decode_steps=1, max_batch=2)
+    texts_eight, ticks_eight = with_engine(model, crowd, decode_steps=8, max_batch=2)
+    assert texts_eight == texts_one
+    assert ticks_eight > 0.6 * ticks_one  # several characters per tick only once at most 2 rows are left
+
+
 class CallCounter(RowCounter):
     """Also counts `forward` calls (long prompts are fed with `forward`, one row at a time)."""
 
