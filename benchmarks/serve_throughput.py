@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (service and ceiling)")
     parser.add_argument("--ceiling-seconds", type=float, default=0.75, help="tight-loop time per ceiling reading")
     parser.add_argument("--round-seconds", type=float, default=1.5, help="bursts between two ceiling readings")
-    parser.add_argument("--min-seconds", type=float, default=9.0, help="measured time per level (rounds repeat)")
+    parser.add_argument("--min-seconds", type=float, default=15.0, help="measured time per level (rounds repeat)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the CHARGEN_MAX_BATCH=1 service")
     parser.add_argument("--no-sessions", action="store_true", help="stateless streams (no Redis sessions)")
     parser.add_argument("--seed", type=int, default=None, help="seed stream i with SEED+i (default: unseeded)")
