@@ -13,6 +13,12 @@ Each tick the engine
 4. hands the new text to the event loop in one thread-safe call, at most every
    ``flush_interval_s`` while it keeps working (every tick when ticks are slower than that).
 
+Step 3 is one scripted call (`StepSampler`) for any batch but a few unseeded rows, and a batch
+of up to ``MULTI_STEP_ROWS`` rows takes ``decode_steps`` characters per tick while nobody waits
+(no request to admit, no prompt being read, no row before its first character, none left out of
+the batch): the engine's Python then runs once per that many characters. Every step is the same
+call at the same batch size and each row draws its numbers in order, so the text is the same.
+
 State representation. A row's state is (h, c) after all of its text but the last character, plus
 that last character, "pending", not yet fed. Feeding the pending character gives the distribution
 of the next one. This is also exactly what a session stores, so the state "after the text returned
