@@ -467,8 +467,9 @@ class Engine:
     def _steps_for(self, batch: list[_Row], feeding: list[bool]) -> int:
         """Characters each row takes this tick: ``decode_steps`` for a batch of up to
         ``MULTI_STEP_ROWS`` rows while nobody waits (no new request, no prompt being read, no row
-        before its first character, no row left out of the batch), so that the engine's Python runs once per that many
-        characters (it is a tenth of a lone stream's tick); otherwise one."""
+        before its first character; the caller checks that no row is left out of the batch), so
+        that the engine's Python runs once per that many characters (it is a tenth of a lone
+        stream's tick); otherwise one."""
         steps = self.decode_steps
         if steps == 1 or len(batch) > MULTI_STEP_ROWS or self._inbox or self._prefilling or any(feeding):
             return 1

@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         app.state.generations = generations
         sweeper = asyncio.create_task(sweep_expired(store, metrics, settings.sweep_interval_s))
         # What start-up made (modules, the model, the app) lives as long as the process: freeze it
-        # out of the cyclic GC. Its full collections walked all of it, 80-120 ms each under load,
+        # out of the cyclic GC. Its full collections walked all of it, 80-180 ms each under load,
         # and every stream stalled for that long (docs/benchmarks.md).
         gc.collect()
         gc.freeze()
