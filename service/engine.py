@@ -26,16 +26,17 @@ so far" is available after every tick with no extra model step: the engine keeps
 (references into each tick's output tensors, no copies) from the last character the client was
 sent onwards, and a stop string or a client disconnect rewinds to the right one.
 
-Batch invariance. MKL picks different matrix kernels for 1, 2-3 and >= 4 rows, which changes
-the last bits of the results (all sizes >= 4 agree bit for bit). A step that carries a
-reproducible row (seeded, greedy or top-k 1) is therefore padded to ``step_min_rows`` (4) rows,
-and long prompts are fed one row at a time, so such a row's numbers, and with per-row PRNGs its
+Batch invariance. MKL picks different matrix kernels for small and large row counts, which
+changes the last bits of the results: on AMD EPYC (AVX2) sizes 1, 2-3 and >= 4 differ, on an Intel
+Xeon with AVX-512 every size below 16 differs from 16 and up. A step that carries a reproducible
+row (seeded, greedy or top-k 1) is therefore padded to ``step_min_rows`` rows, the smallest size
+from which every size agrees, measured for the loaded model at start-up (`find_step_min_rows`);
+long prompts are fed one row at a time. So such a row's numbers, and with per-row PRNGs its
 text, never depend on which other streams share its batches. Which path feeds which character of
 a prompt depends only on the prompt's length and the settings, never on the other streams.
 Steps of only unseeded sampling rows are not padded: their text is random anyway, a last-bit
 difference in the logits cannot be told from another draw, and a lone stream then pays the
-1-row price (about half the 4-row one).
-``check_batch_invariance`` verifies the padded case for the loaded model at start-up.
+1-row price.
 """
 
 from __future__ import annotations
@@ -187,25 +188,42 @@ class _Row:
         return self.emitted if self.req.auto_ack else min(self.handle.acked, self.emitted)
 
 
-def check_batch_invariance(model: LoadedModel, min_rows: int, max_batch: int) -> bool:
-    """True if a row's step output is bit-identical alone (padded) and inside the largest batch."""
+def find_step_min_rows(model: LoadedModel, max_batch: int) -> int | None:
+    """The smallest batch size from which a row's `step` output is bit-identical at every size up
+    to ``max_batch`` and wherever the row sits; None when even that does not hold.
+
+    Which sizes share a kernel depends on the CPU and the BLAS build: on AMD EPYC (AVX2) every
+    size >= 4 agrees, on an Intel Xeon with AVX-512 only sizes >= 16 do. So it is measured on the
+    machine and thread count that serve, not assumed: one step at each size from ``max_batch``
+    down to the first that differs (about 100 ms for the 3x256 model at 64 rows).
+    """
     m = model.module
-    big = max(min_rows, max_batch) + 3
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        h = torch.randn(model.layers, big, model.hidden, generator=gen) * 0.5
-        c = torch.randn(model.layers, big, model.hidden, generator=gen)
-        tokens = torch.randint(0, len(model.vocab), (big,), generator=gen)
-        small = m.step(tokens[:min_rows], h[:, :min_rows].contiguous(), c[:, :min_rows].contiguous())
-        # the same rows at the end of a big batch
-        perm = torch.cat([torch.arange(min_rows, big), torch.arange(min_rows)])
-        full = m.step(tokens[perm], h[:, perm].contiguous(), c[:, perm].contiguous())
-        tail = slice(big - min_rows, big)
-        return bool(
-            torch.equal(small[0], full[0][tail])
-            and torch.equal(small[1], full[1][:, tail])
-            and torch.equal(small[2], full[2][:, tail])
-        )
+        h = torch.randn(model.layers, max_batch, model.hidden, generator=gen) * 0.5
+        c = torch.randn(model.layers, max_batch, model.hidden, generator=gen)
+        tokens = torch.randint(0, len(model.vocab), (max_batch,), generator=gen)
+        reference = m.step(tokens, h, c)
+
+        def same(rows: slice, out: tuple[Tensor, Tensor, Tensor], at: slice) -> bool:
+            return bool(
+                torch.equal(out[0][at], reference[0][rows])
+                and torch.equal(out[1][:, at], reference[1][:, rows])
+                and torch.equal(out[2][:, at], reference[2][:, rows])
+            )
+
+        # the same rows, rotated by one: a row's numbers must not depend on its position
+        shift = torch.cat([torch.arange(1, max_batch), torch.arange(1)])
+        rotated = m.step(tokens[shift], h[:, shift].contiguous(), c[:, shift].contiguous())
+        if max_batch > 1 and not same(slice(1, max_batch), rotated, slice(0, max_batch - 1)):
+            return None
+        smallest = max_batch
+        for rows in range(max_batch - 1, 0, -1):
+            out = m.step(tokens[:rows], h[:, :rows].contiguous(), c[:, :rows].contiguous())
+            if not same(slice(0, rows), out, slice(0, rows)):
+                break
+            smallest = rows
+        return smallest
 
 
 def gather_states(rows: list[_Row]) -> tuple[list[Tensor], list[Tensor]]:
@@ -240,7 +258,7 @@ class Engine:
         max_streams: int = 64,
         max_queue: int = 64,
         max_batch: int = 64,
-        step_min_rows: int = 4,
+        step_min_rows: int | None = None,  # None: measured at start-up (`find_step_min_rows`)
         prefill_chunk: int = 64,
         step_prefill_chars: int = 32,
         decode_steps: int = 8,
@@ -264,6 +282,7 @@ class Engine:
         self.batch_invariant: bool | None = None
         self._inbox: deque[tuple[StreamHandle, GenerationRequest]] = deque()
         self._wake = threading.Event()
+        self._padding_chosen = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -287,14 +306,37 @@ class Engine:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self.batch_invariant = check_batch_invariance(self.model, self.step_min_rows, self.max_batch)
-        if not self.batch_invariant:
-            log.warning(
-                "batched steps are not bit-identical to padded single-row steps on this machine: "
-                "seeded output may differ in rare near-ties depending on concurrent streams"
-            )
         self._thread = threading.Thread(target=self._run, name="chargen-engine", daemon=True)
         self._thread.start()
+        self._padding_chosen.wait()  # measured on the engine's thread, with its thread count
+
+    def _choose_padding(self) -> None:
+        """Pad reproducible steps to the smallest batch size from which every size agrees bit for
+        bit, as measured for this model on this machine (unless ``step_min_rows`` was given)."""
+        try:
+            top = max(self.max_batch, self.step_min_rows or 1)
+            smallest = find_step_min_rows(self.model, top)
+        except Exception:
+            log.exception("measuring the model's batch invariance failed")
+            smallest = None
+        if self.step_min_rows is None:
+            self.step_min_rows = smallest or 1  # no size helps when a row's position matters
+        self.batch_invariant = smallest is not None and smallest <= self.step_min_rows
+        if self.batch_invariant:
+            log.info(
+                "steps with a seeded or greedy row are padded to %d rows (batch sizes %d-%d give "
+                "bit-identical rows on this machine)",
+                self.step_min_rows,
+                smallest,
+                top,
+            )
+        else:
+            log.warning(
+                "batched steps are not bit-identical at every batch size from %d rows on this machine "
+                "(they are from %s): seeded output may differ in rare near-ties depending on concurrent streams",
+                self.step_min_rows,
+                smallest,
+            )
 
     @property
     def alive(self) -> bool:
@@ -342,6 +384,10 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_num_threads(self.torch_threads)  # intra-op threads are per calling thread in OpenMP
+        try:
+            self._choose_padding()
+        finally:
+            self._padding_chosen.set()
         with torch.inference_mode():
             while not self._stopping:
                 self._wake.clear()
@@ -491,7 +537,7 @@ class Engine:
         n = len(batch)
         feeding = [r.feeding_in_steps for r in batch]
         exact = any(r.reproducible for r in batch)
-        pad = max(0, self.step_min_rows - n) if exact else 0
+        pad = max(0, (self.step_min_rows or 1) - n) if exact else 0
         steps = 1 if left_out else self._steps_for(batch, feeding)  # rows waiting for a turn: one each
         same = batch == self._last_batch and self._last_h is not None
         if same:  # steady state: last tick's output is this tick's input, no gathering

@@ -54,8 +54,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=0, description="generations waiting for a row; past it: 429")
     retry_after_s: int = Field(1, ge=1)
     max_batch: int = Field(64, ge=1, description="rows per model step (1 = batching off)")
-    step_min_rows: int = Field(
-        4, ge=1, description="pad steps with a seeded or greedy row to this many rows (docs: batch invariance)"
+    step_min_rows: int | None = Field(
+        None,
+        ge=1,
+        description="pad steps with a seeded or greedy row to this many rows; unset: measured at start-up "
+        "(docs: batch invariance)",
     )
     prefill_chunk: int = Field(64, ge=1, description="characters of a long prompt fed per engine tick")
     step_prefill_chars: int = Field(
@@ -65,7 +68,7 @@ class Settings(BaseSettings):
         8,
         ge=1,
         le=64,
-        description="characters a batch of up to 4 rows takes per engine tick while no request waits (1: one per tick)",
+        description="characters a batch of up to 16 rows takes per tick while no request waits (1: one per tick)",
     )
     stream_window: int = Field(128, ge=1, description="characters the engine may run ahead of what a client was sent")
     flush_interval_ms: float = Field(

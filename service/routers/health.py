@@ -44,6 +44,7 @@ async def readyz(request: Request) -> JSONResponse:
         body["reason"] = "; ".join(failing)
     if engine is not None:
         body["batch_invariant"] = engine.batch_invariant
+        body["step_min_rows"] = engine.step_min_rows
     if model is not None:
         body["model"] = model.model_id
     return JSONResponse(body, status_code=200 if not failing else 503)
