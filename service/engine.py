@@ -226,27 +226,30 @@ def find_step_min_rows(model: LoadedModel, max_batch: int) -> int | None:
         return smallest
 
 
-def gather_states(rows: list[_Row]) -> tuple[list[Tensor], list[Tensor]]:
-    """The rows' (h, c) as slices to concatenate: one slice per run of rows that sit side by side
-    in the same source tensor (rows that stepped together last tick), not one per row.
+def gather_runs(rows: list[_Row]) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int, int]]]:
+    """The rows' state as source tensors and runs (source, start, end) of rows that sit side by side
+    in the same source (rows that stepped together last tick): `gather` in the scripted call
+    slices and joins them, one slice per run, not one per row.
 
     When a stream joins or leaves, the others still sit in last tick's output in order, so the
-    new batch is a few slices instead of 2 x 64 one-row slices.
+    new batch is a few slices instead of 2 x 64 one-row slices. Only Python here: any torch op on
+    the engine's thread gives up the GIL (see `StepSampler`).
     """
-    hs: list[Tensor] = []
-    cs: list[Tensor] = []
-    first = rows[0]
-    h_src, c_src, start, end = first.h_src, first.c_src, first.idx, first.idx + 1
-    for row in rows[1:]:
-        if row.h_src is h_src and row.c_src is c_src and row.idx == end:
-            end += 1
-            continue
-        hs.append(h_src[:, start:end])
-        cs.append(c_src[:, start:end])
-        h_src, c_src, start, end = row.h_src, row.c_src, row.idx, row.idx + 1
-    hs.append(h_src[:, start:end])
-    cs.append(c_src[:, start:end])
-    return hs, cs
+    sources_h: list[Tensor] = []
+    sources_c: list[Tensor] = []
+    numbers: dict[int, int] = {}  # id(h source) -> its index in sources
+    runs: list[tuple[int, int, int]] = []
+    for row in rows:
+        k = numbers.get(id(row.h_src))
+        if k is None:
+            k = numbers[id(row.h_src)] = len(sources_h)
+            sources_h.append(row.h_src)
+            sources_c.append(row.c_src)
+        if runs and runs[-1][0] == k and runs[-1][2] == row.idx:
+            runs[-1] = (k, runs[-1][1], row.idx + 1)
+        else:
+            runs.append((k, row.idx, row.idx + 1))
+    return sources_h, sources_c, runs
 
 
 class Engine:
@@ -301,6 +304,7 @@ class Engine:
         self._last_params: BatchParams | None = None
         self._pad_cache: dict[int, tuple[Tensor, Tensor]] = {}
         self._step_sampler = step_sampler(model.module)
+        self._fresh = model.module.init_state(1)  # (h, c) of a row with no text yet
 
     # ---- event-loop side -------------------------------------------------------------------
 
@@ -447,12 +451,12 @@ class Engine:
         while self._inbox and len(self._rows) < self.max_streams:
             handle, req = self._inbox.popleft()
             state = req.state
-            if state is not None:
-                h = torch.from_numpy(np.ascontiguousarray(state.h)).unsqueeze(1)
-                c = torch.from_numpy(np.ascontiguousarray(state.c)).unsqueeze(1)
+            if state is not None:  # [L, H] -> [L, 1, H] views: no torch op (see `StepSampler`)
+                h = torch.from_numpy(np.ascontiguousarray(state.h).reshape(model.layers, 1, model.hidden))
+                c = torch.from_numpy(np.ascontiguousarray(state.c).reshape(model.layers, 1, model.hidden))
                 pending, consumed = state.pending, state.chars_consumed
             else:
-                h, c = model.module.init_state(1)
+                h, c = self._fresh  # shared: steps never write into their inputs
                 pending, consumed = -1, 0
             feed = ([pending] if pending >= 0 else []) + req.prompt_ids
             if not feed and req.max_new_chars == 0:  # nothing to read, nothing to write: unchanged
@@ -496,10 +500,8 @@ class Engine:
     def _prefill_chunk(self) -> None:
         row = self._prefilling[0]
         chunk = row.to_prefill[row.fed : row.fed + self.prefill_chunk]
-        h = row.h_src[:, row.idx : row.idx + 1]
-        c = row.c_src[:, row.idx : row.idx + 1]
         # one row at a time: its numbers never depend on other streams (see module docstring)
-        _, row.h_src, row.c_src = self.model.module.forward(torch.tensor([chunk]), h, c)
+        row.h_src, row.c_src = self._step_sampler.prefill(torch.tensor([chunk]), row.h_src, row.c_src, row.idx)
         row.idx = 0
         row.fed += len(chunk)
         self._prefilling.popleft()
@@ -539,17 +541,18 @@ class Engine:
         exact = any(r.reproducible for r in batch)
         pad = max(0, (self.step_min_rows or 1) - n) if exact else 0
         steps = 1 if left_out else self._steps_for(batch, feeding)  # rows waiting for a turn: one each
-        same = batch == self._last_batch and self._last_h is not None
-        if same:  # steady state: last tick's output is this tick's input, no gathering
-            h, c = self._last_h, self._last_c
+        if batch == self._last_batch and self._last_h is not None:
+            # steady state: last tick's output (padding included) is this tick's input
+            sources_h, sources_c = [self._last_h], [self._last_c]
+            runs = [(0, 0, self._last_h.shape[1])]
             params = self._last_params
         else:
-            hs, cs = gather_states(batch)
+            sources_h, sources_c, runs = gather_runs(batch)
             if pad:
                 ph, pc = self._padding(pad)
-                hs.append(ph)
-                cs.append(pc)
-            h, c = torch.cat(hs, dim=1), torch.cat(cs, dim=1)
+                runs.append((len(sources_h), 0, pad))
+                sources_h.append(ph)
+                sources_c.append(pc)
             params = BatchParams.of([r.params for r in batch], len(self.model.vocab))
         feed = [r.to_prefill[r.fed] if r.feeding_in_steps else r.pending for r in batch] + [0] * pad
         tokens = torch.from_numpy(np.array(feed, dtype=np.int64))  # a third of torch.tensor(list)'s cost
@@ -557,7 +560,7 @@ class Engine:
         # one draw per sampled character from each row's own PRNG, in order; rows still feeding draw none
         if steps == 1 and not exact and n <= SMALL_BATCH:  # a few unseeded rows: plain Python beats ~10 torch ops
             uniforms = [0.0 if f else r.rng.random() for f, r in zip(feeding, batch, strict=True)]
-            logits, h2, c2 = self.model.module.step(tokens, h, c)
+            logits, h2, c2 = self._step_sampler.step(tokens, sources_h, sources_c, runs)
             rows = logits.tolist()
             picks = [[-1 if feeding[i] else sample_row(rows[i], r.params, uniforms[i]) for i, r in enumerate(batch)]]
             states_h, states_c = [h2], [c2]
@@ -567,7 +570,7 @@ class Engine:
                 for _ in range(steps)
             ]
             picked, states_h, states_c = self._step_sampler(
-                tokens, h, c, params, torch.tensor(u, dtype=torch.float64), n
+                tokens, sources_h, sources_c, runs, params, torch.tensor(u, dtype=torch.float64), n
             )
             picks = picked.tolist()
         self._last_batch, self._last_h, self._last_c, self._last_params = batch, states_h[-1], states_c[-1], params
@@ -637,7 +640,8 @@ class Engine:
             self._outboxes[row] = None
 
     def _encode(self, h: Tensor, c: Tensor, idx: int, pending: int, consumed: int) -> bytes:
-        state = SessionState(h=h[:, idx].numpy(), c=c[:, idx].numpy(), pending=pending, chars_consumed=consumed)
+        # numpy views, not tensor slices: a torch op here would give up the GIL (see `StepSampler`)
+        state = SessionState(h=h.numpy()[:, idx], c=c.numpy()[:, idx], pending=pending, chars_consumed=consumed)
         return encode_state(state, self.model.fingerprint)
 
     def _finish(

@@ -66,8 +66,8 @@ class BatchParams(NamedTuple):
                 [[1.0 if g else p.temperature] for g, p in zip(greedy, params, strict=True)], dtype=torch.float64
             ),
             greedy=torch.tensor(greedy),
-            top_k=torch.tensor(top_k, dtype=torch.int64).unsqueeze(1),
-            top_p=torch.tensor(top_p, dtype=torch.float64).unsqueeze(1),
+            top_k=torch.tensor([[k] for k in top_k], dtype=torch.int64),  # built [B, 1]: an unsqueeze gives up the GIL
+            top_p=torch.tensor([[q] for q in top_p], dtype=torch.float64),
             cut=torch.tensor(cut),
             all_greedy=all(greedy),
             any_greedy=any(greedy),
@@ -120,18 +120,31 @@ def sample_sorted(x: Tensor, params: BatchParams, u: Tensor) -> Tensor:
     return order.gather(1, invert_cdf(probs, u).unsqueeze(1)).squeeze(1)
 
 
+def gather(sources: list[Tensor], runs: list[tuple[int, int, int]]) -> Tensor:
+    """A batch's state from slices of earlier tensors: run (k, start, end) is
+    ``sources[k][:, start:end]``; a single run that covers its whole source is that tensor itself."""
+    if len(runs) == 1:
+        k, start, end = runs[0]
+        if start == 0 and end == sources[k].shape[1]:
+            return sources[k]
+    return torch.cat([sources[k][:, start:end] for k, start, end in runs], dim=1)
+
+
 class StepSampler(nn.Module):
-    """The artifact's ``step`` and every row's sampling, K steps in ONE TorchScript call.
+    """Everything a tick does with tensors, in ONE TorchScript call: gathering the batch's state,
+    the artifact's ``step`` and every row's sampling, K steps.
 
-    Each eager torch op gives up the GIL and must take it back; beside an event loop that is busy
-    with 64 streams, taking it back can wait a whole switch interval. Scripted, a tick's steps and
-    their ~10 sampling ops each release the GIL once. With K > 1 (small batches, see the engine)
-    each step's picks are fed to the next one, so the engine's Python runs once per K characters.
+    Each eager torch op gives up the GIL and must take it back; while the event loop is busy
+    (admitting 64 requests, say) each op on the engine's thread then waits up to a switch interval
+    for it: measured, a burst's engine went 12 ms without a tick. Scripted, a tick gives up the
+    GIL once. With K > 1 (small batches, see the engine) each step's picks are fed to the next one,
+    so the engine's Python runs once per K characters.
 
-    u [K, rows] holds each row's draw for each step. Only the first ``rows`` rows are sampled; the
-    rest pad the step (each step feeds them their token in ``tokens`` again). Returns the picks
-    [K, rows] and the state after each step, K tensors h and K tensors c [layers, batch, hidden].
-    Step k is exactly one call of `step` and `sample_logits`, so a row's text does not depend on K.
+    The state is given as source tensors and runs of rows in them (`gather`). u [K, rows] holds
+    each row's draw for each step. Only the first ``rows`` rows are sampled; the rest pad the step
+    (each step feeds them their token in ``tokens`` again). Returns the picks [K, rows] and the
+    state after each step, K tensors h and K tensors c [layers, batch, hidden]. Step k is exactly
+    one call of `step` and `sample_logits`, so a row's text does not depend on K.
     """
 
     def __init__(self, model: Any) -> None:
@@ -139,8 +152,17 @@ class StepSampler(nn.Module):
         self.model = model
 
     def forward(
-        self, tokens: Tensor, h: Tensor, c: Tensor, params: BatchParams, u: Tensor, rows: int
+        self,
+        tokens: Tensor,
+        sources_h: list[Tensor],
+        sources_c: list[Tensor],
+        runs: list[tuple[int, int, int]],
+        params: BatchParams,
+        u: Tensor,
+        rows: int,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        h = gather(sources_h, runs)
+        c = gather(sources_c, runs)
         picks: list[Tensor] = []
         hs: list[Tensor] = []
         cs: list[Tensor] = []
@@ -153,6 +175,19 @@ class StepSampler(nn.Module):
             cs.append(c)
             tokens = torch.cat([picked, padding])
         return torch.stack(picks), hs, cs
+
+    @torch.jit.export
+    def step(
+        self, tokens: Tensor, sources_h: list[Tensor], sources_c: list[Tensor], runs: list[tuple[int, int, int]]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The artifact's ``step`` on a gathered state, without sampling (logits [B, V], h, c)."""
+        return self.model.step(tokens, gather(sources_h, runs), gather(sources_c, runs))
+
+    @torch.jit.export
+    def prefill(self, tokens: Tensor, h: Tensor, c: Tensor, row: int) -> tuple[Tensor, Tensor]:
+        """The artifact's ``forward`` over tokens [1, T] from row ``row`` of (h, c): the new h, c."""
+        _, h2, c2 = self.model.forward(tokens, h[:, row : row + 1], c[:, row : row + 1])
+        return h2, c2
 
 
 def _script(obj: Any) -> Any:

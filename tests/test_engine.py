@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from service.artifact import LoadedModel, load_model
-from service.engine import Engine, EngineFull, Finished, GenerationRequest, find_step_min_rows, gather_states
+from service.engine import Engine, EngineFull, Finished, GenerationRequest, find_step_min_rows, gather_runs
 from service.metrics import Metrics
-from service.sampling import BatchParams, SamplingParams, sample_batch, step_sampler
+from service.sampling import BatchParams, SamplingParams, gather, sample_batch, step_sampler
 from service.state_codec import decode_state
 
 T = TypeVar("T")
@@ -114,7 +114,8 @@ def test_seeded_text_does_not_depend_on_the_other_streams(model: LoadedModel) ->
 
 def test_the_scripted_step_sampler_is_the_step_then_the_sampler(model: LoadedModel) -> None:
     """The engine's one call per tick gives the states of `step` and the picks of `sample_batch`,
-    each step's picks fed to the next (padding rows fed their token again), for one step or several."""
+    each step's picks fed to the next (padding rows fed their token again), for one step or several;
+    its `step` and `prefill` are the artifact's `step` and `forward` on the same gathered state."""
     sampler = step_sampler(model.module)
     assert isinstance(sampler, torch.jit.ScriptModule)  # compiled: the GIL is given up once
     gen = torch.Generator().manual_seed(5)
@@ -136,7 +137,18 @@ def test_the_scripted_step_sampler_is_the_step_then_the_sampler(model: LoadedMod
         ]
         params = BatchParams.of(mixed, len(model.vocab))
         draws = [[random.Random(k * rows + i).random() for i in range(rows)] for k in range(steps)]
-        picked, hs, cs = sampler(tokens, h, c, params, torch.tensor(draws, dtype=torch.float64), rows)
+        # the state given in two pieces, as the engine does when a batch changed
+        sources_h, sources_c = [h[:, :4], h[:, 4:]], [c[:, :4], c[:, 4:]]
+        runs = [(0, 0, 4), (1, 0, rows + pad - 4)]
+        one_step = sampler.step(tokens, sources_h, sources_c, runs)
+        reference = model.module.step(tokens, h, c)
+        assert all(torch.equal(a, b) for a, b in zip(one_step, reference, strict=True))
+        prompt = tokens[:5].unsqueeze(0)
+        _, h_ref, c_ref = model.module.forward(prompt, h[:, 2:3], c[:, 2:3])
+        h_pre, c_pre = sampler.prefill(prompt, h, c, 2)
+        assert torch.equal(h_pre, h_ref) and torch.equal(c_pre, c_ref)
+        u = torch.tensor(draws, dtype=torch.float64)
+        picked, hs, cs = sampler(tokens, sources_h, sources_c, runs, params, u, rows)
         padding = tokens[rows:].tolist()
         assert picked.shape == (steps, rows) and len(hs) == len(cs) == steps
         for k in range(steps):
@@ -155,11 +167,13 @@ def test_gathering_a_batch_takes_one_slice_per_run_of_neighbouring_rows() -> Non
     new_h, new_c = torch.randn(2, 1, 3), torch.randn(2, 1, 3)  # a stream that just joined
     rows = [SimpleNamespace(h_src=last_h, c_src=last_c, idx=i) for i in (0, 1, 3, 4)]  # row 2 left
     rows.insert(2, SimpleNamespace(h_src=new_h, c_src=new_c, idx=0))
-    hs, cs = gather_states(rows)  # type: ignore[arg-type]
-    assert len(hs) == len(cs) == 3  # rows 0-1, the new one, rows 3-4
+    sources_h, sources_c, runs = gather_runs(rows)  # type: ignore[arg-type]
+    assert runs == [(0, 0, 2), (1, 0, 1), (0, 3, 5)]  # rows 0-1, the new one, rows 3-4
+    assert sources_h == [last_h, new_h] and sources_c == [last_c, new_c]
     one_by_one = torch.cat([r.h_src[:, r.idx : r.idx + 1] for r in rows], dim=1)
-    assert torch.equal(torch.cat(hs, dim=1), one_by_one)
-    assert torch.equal(torch.cat(cs, dim=1), torch.cat([r.c_src[:, r.idx : r.idx + 1] for r in rows], dim=1))
+    assert torch.equal(gather(sources_h, runs), one_by_one)
+    assert torch.equal(gather(sources_c, runs), torch.cat([r.c_src[:, r.idx : r.idx + 1] for r in rows], dim=1))
+    assert gather([last_h], [(0, 0, 5)]) is last_h  # a steady batch: last tick's output, no copy
 
 
 class RowCounter:
