@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -511,3 +512,52 @@ def test_seeded_text_with_its_prompt_fed_in_steps_does_not_depend_on_the_crowd(
     expected = with_engine(model, alone)
     assert with_engine(model, crowded) == expected
     assert with_engine(model, crowded, max_batch=3) == expected
+
+
+def test_the_engine_thread_calls_no_torch_op_that_gives_up_the_gil(model: LoadedModel) -> None:
+    """Past start-up, the engine's thread touches tensors only through the scripted calls and a
+    few functions that keep the GIL: any other torch op gives it up and, behind a busy event loop,
+    waits up to a switch interval to take it back (docs/service.md, "One scripted call per tick")."""
+    from torch.overrides import TorchFunctionMode
+
+    keeps_the_gil = {"from_numpy", "tensor", "tolist", "numpy", "__get__"}  # __get__: .shape
+
+    class Recording(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: set[str] = set()
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if engine_ready.is_set():
+                self.calls.add(getattr(func, "__name__", repr(func)))
+            return func(*args, **(kwargs or {}))
+
+    recording = Recording()
+    engine_ready = threading.Event()  # start-up's own tensor work is not recorded
+
+    class Watched(Engine):
+        def _choose_padding(self) -> None:
+            super()._choose_padding()
+            engine_ready.set()
+
+        def _run(self) -> None:
+            with recording:
+                super()._run()
+
+    async def main() -> None:
+        engine = Watched(model, Metrics(), prefill_chunk=8, step_prefill_chars=4)
+        engine.start(asyncio.get_running_loop())
+        try:
+            _, first = await collect(engine, req(model, n=30, seed=1))
+            saved = decode(model, first.state)
+            jobs = [
+                collect(engine, req(model, prompt=PROMPT * 3, n=40, state=saved)),  # long prompt: prefill
+                collect(engine, req(model, n=60, temperature=0, stop=("e",))),  # greedy, padded, a stop string
+                *(collect(engine, req(model, prompt="KING:", n=20 + 7 * i), ack=True) for i in range(6)),
+            ]
+            await asyncio.gather(*jobs)
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    asyncio.run(main())
+    assert recording.calls and recording.calls <= keeps_the_gil, recording.calls - keeps_the_gil

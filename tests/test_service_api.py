@@ -59,6 +59,7 @@ def test_health_readiness_models_and_metrics(server: ServerThread, client: httpx
     ready = client.get(server.url + "/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     assert ready.json()["batch_invariant"] is True
+    assert isinstance(ready.json()["step_min_rows"], int) and ready.json()["step_min_rows"] >= 1  # measured
     models = client.get(server.url + "/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["model"]
     assert models["data"][0]["fingerprint"].startswith("sha256:")
