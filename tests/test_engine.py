@@ -221,7 +221,7 @@ class SmallBatchKernel(RowCounter):
     def step(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> Any:
         logits, h2, c2 = super().step(tokens, h, c)
         if tokens.shape[0] < self.below:
-            logits = logits + 0.5 * (torch.arange(logits.shape[1]) % 3)
+            logits = logits + 2.0 * (torch.arange(logits.shape[1]) % 3)
         return logits, h2, c2
 
 
