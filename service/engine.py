@@ -195,7 +195,7 @@ def find_step_min_rows(model: LoadedModel, max_batch: int) -> int | None:
     Which sizes share a kernel depends on the CPU and the BLAS build: on AMD EPYC (AVX2) every
     size >= 4 agrees, on an Intel Xeon with AVX-512 only sizes >= 16 do. So it is measured on the
     machine and thread count that serve, not assumed: one step at each size from ``max_batch``
-    down to the first that differs (about 100 ms for the 3x256 model at 64 rows).
+    down to the first that differs (100-200 ms for the 3x256 model at 64 rows).
     """
     m = model.module
     gen = torch.Generator().manual_seed(0)
@@ -286,6 +286,7 @@ class Engine:
         self._inbox: deque[tuple[StreamHandle, GenerationRequest]] = deque()
         self._wake = threading.Event()
         self._padding_chosen = threading.Event()
+        self._pad_to = 1  # rows a reproducible step is padded to: `step_min_rows` once chosen
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -325,6 +326,7 @@ class Engine:
             smallest = None
         if self.step_min_rows is None:
             self.step_min_rows = smallest or 1  # no size helps when a row's position matters
+        self._pad_to = self.step_min_rows
         self.batch_invariant = smallest is not None and smallest <= self.step_min_rows
         if self.batch_invariant:
             log.info(
@@ -539,7 +541,7 @@ class Engine:
         n = len(batch)
         feeding = [r.feeding_in_steps for r in batch]
         exact = any(r.reproducible for r in batch)
-        pad = max(0, (self.step_min_rows or 1) - n) if exact else 0
+        pad = max(0, self._pad_to - n) if exact else 0
         steps = 1 if left_out else self._steps_for(batch, feeding)  # rows waiting for a turn: one each
         if batch == self._last_batch and self._last_h is not None:
             # steady state: last tick's output (padding included) is this tick's input
