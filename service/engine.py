@@ -85,7 +85,9 @@ class GenerationRequest:
 
 @dataclass
 class Finished:
-    reason: str  # "length" | "stop" | "cancelled" | "error"
+    # "length" | "stop" | "cancelled" | "error" (this generation failed) | "engine_stopped" (the
+    # engine thread died under it: nothing was saved)
+    reason: str
     completion_chars: int  # characters returned to the client (cancelled: those it was sent)
     chars_consumed: int  # the session's whole text length after this request
     state: bytes | None  # encoded session state; None when not wanted or nothing changed
@@ -290,7 +292,10 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._in_flight = 0  # submitted and not yet finished; touched only on the event loop
+        self._open: set[StreamHandle] = set()  # submitted and not yet finished; touched only on the event loop
+        self._inbox_lock = threading.Lock()  # submit() against the engine thread's last look at the inbox
+        self._inbox_closed = False
+        self.failure: str | None = None  # why the engine thread died, if it did
         # engine-thread state
         self._rows: list[_Row] = []
         self._prefilling: deque[_Row] = deque()
@@ -346,11 +351,11 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._thread is not None and self._thread.is_alive() and not self._stopping and self.failure is None
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return len(self._open)
 
     def wake(self) -> None:
         self._wake.set()
@@ -358,15 +363,18 @@ class Engine:
     def submit(self, req: GenerationRequest) -> StreamHandle:
         """Queue a generation; raises EngineFull past max_streams + max_queue (call on the loop)."""
         if not self.alive:
-            raise EngineStopped("the engine is not running")
-        if self._in_flight >= self.max_streams + self.max_queue:
+            raise EngineStopped(self.failure or "the engine is not running")
+        if len(self._open) >= self.max_streams + self.max_queue:
             raise EngineFull(
-                f"{self._in_flight} generations running or queued (limit "
+                f"{len(self._open)} generations running or queued (limit "
                 f"{self.max_streams} running + {self.max_queue} queued)"
             )
         handle = StreamHandle(self)
-        self._in_flight += 1
-        self._inbox.append((handle, req))
+        with self._inbox_lock:  # else the thread could take its last look at the inbox before this lands
+            if self._inbox_closed:
+                raise EngineStopped(self.failure or "the engine is not running")
+            self._inbox.append((handle, req))
+        self._open.add(handle)
         self.metrics.queue_length.set(len(self._inbox))
         self._wake.set()
         return handle
@@ -383,43 +391,71 @@ class Engine:
             if isinstance(item, str):
                 handle.text.put_nowait(item)
             else:
-                self._in_flight -= 1
+                self._open.discard(handle)
                 handle._finish(item)
+
+    def _fail_open(self, message: str) -> None:
+        """The engine thread died: end every generation it had, on the loop (nothing is saved)."""
+        for handle in list(self._open):
+            handle._finish(Finished("engine_stopped", 0, 0, None, message))
+        self._open.clear()
 
     # ---- engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        torch.set_num_threads(self.torch_threads)  # intra-op threads are per calling thread in OpenMP
         try:
-            self._choose_padding()
-        finally:
-            self._padding_chosen.set()
-        with torch.inference_mode():
-            while not self._stopping:
-                self._wake.clear()
-                try:
-                    worked = self._tick()
-                except Exception:  # a bug or a broken model must not kill the thread silently
-                    log.exception("engine tick failed; failing its rows")
-                    for row in list(self._rows):
-                        self._finish(row, "error", row.delivered(), error="internal error in the engine")
-                    self._prefilling.clear()
-                    self._last_batch = []
-                    worked = True
-                # Each hand-over costs the event loop (and every client) one event per stream, and
-                # the loop competes with this thread for the GIL and the other core: handing over
-                # every 5 ms tick at 64 streams held the engine to ~0.45 x its step's speed, every
-                # 25 ms to ~0.75 x. New streams' first text and finished rows go out at once.
-                if not worked or self._urgent or time.perf_counter() - self._flushed_at >= self.flush_interval_s:
-                    self._flush()
-                if not worked and not self._stopping:
-                    self._wake.wait(1.0)  # submit, ack, cancel and stop set it
-            for row in list(self._rows):
-                self._finish(row, "cancelled", row.delivered(), error="the service is shutting down")
-            while self._inbox:
-                handle, _ = self._inbox.popleft()
-                self._events.append((handle, Finished("cancelled", 0, 0, None, "the service is shutting down")))
-            self._flush()
+            torch.set_num_threads(self.torch_threads)  # intra-op threads are per calling thread in OpenMP
+            try:
+                self._choose_padding()
+            finally:
+                self._padding_chosen.set()
+            with torch.inference_mode():
+                self._serve()
+                self._shut_down()
+        except BaseException as err:  # anything outside a tick's own guard: the engine is gone
+            log.exception("the engine thread died; failing every open generation")
+            self._died(f"the model engine stopped ({type(err).__name__}: {err})")
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                worked = self._tick()
+            except Exception:  # a bug or a broken model fails its rows, not the thread
+                log.exception("engine tick failed; failing its rows")
+                for row in list(self._rows):
+                    self._finish(row, "error", row.delivered(), error="internal error in the engine")
+                self._prefilling.clear()
+                self._last_batch = []
+                worked = True
+            # Each hand-over costs the event loop (and every client) one event per stream, and
+            # the loop competes with this thread for the GIL and the other core: handing over
+            # every 5 ms tick at 64 streams held the engine to ~0.45 x its step's speed, every
+            # 25 ms to ~0.75 x. New streams' first text and finished rows go out at once.
+            if not worked or self._urgent or time.perf_counter() - self._flushed_at >= self.flush_interval_s:
+                self._flush()
+            if not worked and not self._stopping:
+                self._wake.wait(1.0)  # submit, ack, cancel and stop set it
+
+    def _shut_down(self) -> None:
+        for row in list(self._rows):
+            self._finish(row, "cancelled", row.delivered(), error="the service is shutting down")
+        with self._inbox_lock:  # from here on submit() refuses
+            self._inbox_closed = True
+        while self._inbox:
+            handle, _ = self._inbox.popleft()
+            self._events.append((handle, Finished("cancelled", 0, 0, None, "the service is shutting down")))
+        self._flush()
+
+    def _died(self, message: str) -> None:
+        """Refuse new work and have the loop end every open generation (their leases go with them)."""
+        self.failure = message
+        with self._inbox_lock:
+            self._inbox_closed = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed under us at shutdown
+                loop.call_soon_threadsafe(self._fail_open, message)
 
     def _tick(self) -> bool:
         started = time.perf_counter()

@@ -20,6 +20,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from starlette.requests import Request
+
 from service.artifact import LoadedModel
 from service.engine import Engine, EngineFull, EngineStopped, Finished, GenerationRequest, StreamHandle
 from service.errors import ApiError
@@ -106,6 +108,33 @@ async def stream_job(
         yield DONE
     finally:
         job.abandon()
+
+
+async def collect(job: Job, request: Request) -> tuple[str, Finished]:
+    """A non-streamed request's whole text and how it finished; raises its ApiError if it failed.
+
+    The client leaving (``http.disconnect``) cancels the generation at once: it never gets the
+    text, so its session keeps the state from before the request.
+    """
+
+    async def watch_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.abandon()
+
+    watcher = asyncio.create_task(watch_disconnect())
+    try:
+        text = "".join([piece async for piece in job.pieces()])
+        outcome = await job.outcome()
+    finally:
+        watcher.cancel()
+        job.abandon()  # no-op once finished; stops the row if this handler is cancelled
+    if outcome.error is not None:
+        raise outcome.error
+    finished = outcome.finished
+    if finished.reason not in ("length", "stop"):
+        raise ApiError(503, f"generation was interrupted ({finished.error or finished.reason})", None, "interrupted")
+    return text, finished
 
 
 async def read_owned_session(store: SessionStore, session_id: str, owner: str | None) -> StoredSession:
@@ -374,6 +403,8 @@ class Job:
         error: ApiError | None = None
         if finished.reason == "error":
             error = ApiError(500, f"generation failed: {finished.error}", None, "engine_error")
+        elif finished.reason == "engine_stopped":
+            error = ApiError(503, f"{finished.error}; retry on another replica", None, "engine_stopped")
         # A JSON request that was cancelled (its client went away, or the service is stopping)
         # never answers with its text, so its session keeps the state from before the request.
         unanswered = finished.reason == "cancelled" and not self.spec.stream

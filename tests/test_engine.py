@@ -561,3 +561,41 @@ def test_the_engine_thread_calls_no_torch_op_that_gives_up_the_gil(model: Loaded
 
     asyncio.run(main())
     assert recording.calls and recording.calls <= keeps_the_gil, recording.calls - keeps_the_gil
+
+
+def test_a_request_submitted_while_the_engine_stops_is_finished_not_lost(model: LoadedModel) -> None:
+    """submit() racing stop(): the request lands in the inbox just after the engine thread took its
+    last look at it. It must still finish (cancelled, shutting down) or be refused, never hang."""
+    from collections import deque
+
+    from service.engine import EngineStopped
+
+    async def main() -> Finished | None:
+        engine = Engine(model, Metrics())
+        engine.start(asyncio.get_running_loop())
+        inbox = engine._inbox
+
+        class StopsBeforeTheAppend(deque):  # type: ignore[type-arg]
+            def append(self, item: Any) -> None:
+                engine.stop(timeout=1.0)  # the engine drains what it has and exits (or waits for us)
+                inbox.append(item)
+
+        engine._inbox = StopsBeforeTheAppend()  # type: ignore[assignment]
+        try:
+            handle = engine.submit(req(model, n=5))
+        except EngineStopped:
+            return None
+        finally:
+            engine._inbox = inbox
+        try:
+            return await asyncio.wait_for(handle.finished, 5)
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    finished = asyncio.run(main())
+    assert finished is not None
+    assert (finished.reason, finished.completion_chars, finished.error) == (
+        "cancelled",
+        0,
+        "the service is shutting down",
+    )

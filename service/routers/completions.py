@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,7 +15,7 @@ from service.artifact import LoadedModel
 from service.auth import OwnerDep
 from service.dependencies import GenerationsDep, ModelDep
 from service.errors import ApiError
-from service.generation import GenerationSpec, Job, stream_job
+from service.generation import GenerationSpec, Job, collect, stream_job
 from service.sampling import SamplingParams
 from service.sse import EventStreamResponse
 
@@ -93,7 +93,7 @@ def chunk(
 
 @router.post("/v1/completions", responses={200: {"content": {"text/event-stream": {}}}})
 async def completions(
-    body: CompletionRequest, generations: GenerationsDep, model: ModelDep, owner: OwnerDep
+    body: CompletionRequest, request: Request, generations: GenerationsDep, model: ModelDep, owner: OwnerDep
 ) -> Response:
     received = time.perf_counter()
     check_model(body.model, model)
@@ -105,17 +105,8 @@ async def completions(
     completion_id = "cmpl-" + secrets.token_hex(12)
     created = int(time.time())
     if spec.stream:
-        return EventStreamResponse(stream_chunks(job, completion_id, created, model))
-    try:
-        text = "".join([piece async for piece in job.pieces()])
-        outcome = await job.outcome()
-    finally:
-        job.abandon()
-    if outcome.error is not None:
-        raise outcome.error
-    finished = outcome.finished
-    if finished.reason not in ("length", "stop"):
-        raise ApiError(503, f"generation was interrupted ({finished.error or finished.reason})", None, "interrupted")
+        return EventStreamResponse(stream_chunks(job, completion_id, created, model), on_close=job.abandon)
+    text, finished = await collect(job, request)
     used = len(spec.prompt)
     extra: dict[str, Any] = {
         "usage": {
