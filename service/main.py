@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
             prefill_chunk=settings.prefill_chunk,
             step_prefill_chars=settings.step_prefill_chars,
             decode_steps=settings.decode_steps,
+            multi_step_rows=settings.multi_step_rows,
             stream_window=settings.stream_window,
             flush_interval_s=settings.flush_interval_ms / 1000,
             torch_threads=settings.torch_threads,

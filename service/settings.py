@@ -68,7 +68,14 @@ class Settings(BaseSettings):
         8,
         ge=1,
         le=64,
-        description="characters a batch of up to 16 rows takes per tick while no request waits (1: one per tick)",
+        description="characters a batch of up to multi_step_rows rows takes per tick while no request waits "
+        "(1: one per tick)",
+    )
+    multi_step_rows: int = Field(
+        16,
+        ge=1,
+        description="batches up to this many rows take decode_steps characters per tick: a tick of 8 steps at "
+        "16 rows is ~10 ms for the 3x256 model, which is how long a new request may wait to join",
     )
     stream_window: int = Field(128, ge=1, description="characters the engine may run ahead of what a client was sent")
     flush_interval_ms: float = Field(

@@ -60,7 +60,7 @@ def test_an_engine_that_dies_ends_every_request_with_503_frees_its_leases_and_fa
             def broken(*args: Any, **kwargs: Any) -> None:
                 raise RuntimeError("injected: handing text over failed")
 
-            engine._flush = broken  # outside the tick's own guard: the thread dies of it
+            engine._handover.flush = broken  # outside the tick's own guard: the thread dies of it
             rest = list(events)
         other.join(30)
         assert rest[-1] == "[DONE]"
