@@ -111,18 +111,24 @@ class RequestMetricsMiddleware:
             self.metrics.requests.labels(scope["method"], self.route_template(scope), shown).inc()
 
     def route_template(self, scope: Scope) -> str:
-        """The path template of the request's route; when routing never ran (the body was refused
-        or the client left first), the documented route that would have taken it; else "unmatched"."""
+        """The path template of the request's route, "unmatched" for none.
+
+        The route the router chose names it when its own template is the whole path. A route
+        included under a prefix (the API's /v1) knows only its path within its router, and when
+        routing never ran (the body was refused, the client left first) there is no route at all:
+        then it is the documented template that the method and path match.
+        """
         route = scope.get("route")
-        if route is not None:
-            return getattr(route, "path", None) or "unmatched"
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(scope["path"]):
+            return route.path  # type: ignore[no-any-return, union-attr]
         if self._templates is None:  # once, on the first request that needs it
             paths = scope["app"].openapi().get("paths", {})
             self._templates = [
                 (template, {m.upper() for m in item}, compile_path(template)[0]) for template, item in paths.items()
             ]
         for template, methods, pattern in self._templates:
-            if scope["method"] in methods and pattern.fullmatch(scope["path"]):
+            if scope["method"] in methods and pattern.match(scope["path"]):
                 return template
         return "unmatched"
 

@@ -21,6 +21,7 @@ import torch
 from service.artifact import LoadedModel, load_model
 from service.engine.batch import BatchBuilder, gather_runs
 from service.engine.calibration import Padding, choose_padding, find_step_min_rows
+from service.engine.config import EngineConfig
 from service.engine.handover import Handover
 from service.engine.outputs import Outputs
 from service.engine.requests import Finished, GenerationRequest, Inbox
@@ -154,7 +155,7 @@ def decoding(model: LoadedModel, count: int, sampled: int = 1, **options: Any) -
 
 
 def test_only_a_batch_with_a_reproducible_row_is_padded(model: LoadedModel) -> None:
-    builder = BatchBuilder(model, max_batch=8, decode_steps=8, multi_step_rows=16, stream_window=128)
+    builder = BatchBuilder(model, EngineConfig(max_batch=8, decode_steps=8, multi_step_rows=16, stream_window=128))
     builder.pad_to = 6
     unseeded = builder.build(decoding(model, 2), quiet=True)
     assert (unseeded.exact, len(unseeded.tokens), unseeded.runs[-1]) == (False, 2, (1, 0, 1))
@@ -164,7 +165,7 @@ def test_only_a_batch_with_a_reproducible_row_is_padded(model: LoadedModel) -> N
 
 
 def test_several_characters_per_tick_only_while_nobody_waits(model: LoadedModel) -> None:
-    builder = BatchBuilder(model, max_batch=4, decode_steps=8, multi_step_rows=3, stream_window=20)
+    builder = BatchBuilder(model, EngineConfig(max_batch=4, decode_steps=8, multi_step_rows=3, stream_window=20))
     assert builder.build(decoding(model, 2), quiet=True).steps == 8
     assert builder.build(decoding(model, 2), quiet=False).steps == 1  # a request waits, or a prompt is read
     assert builder.build(decoding(model, 4), quiet=True).steps == 1  # more rows than multi_step_rows
@@ -180,7 +181,7 @@ def test_several_characters_per_tick_only_while_nobody_waits(model: LoadedModel)
 
 
 def test_more_ready_rows_than_a_step_takes_rotate_and_a_steady_batch_reuses_its_output(model: LoadedModel) -> None:
-    builder = BatchBuilder(model, max_batch=2, decode_steps=1, multi_step_rows=16, stream_window=128)
+    builder = BatchBuilder(model, EngineConfig(max_batch=2, decode_steps=1, multi_step_rows=16, stream_window=128))
     rows = decoding(model, 3)
     firsts = [builder.build(rows, quiet=True).rows for _ in range(3)]
     assert firsts == [rows[0:2], [rows[2], rows[0]], [rows[1], rows[2]]]
@@ -230,7 +231,7 @@ def test_the_step_draws_one_number_per_sampled_character_and_none_for_feeding_or
     model: LoadedModel,
 ) -> None:
     stepper = Stepper(model)
-    builder = BatchBuilder(model, max_batch=8, decode_steps=3, multi_step_rows=16, stream_window=128)
+    builder = BatchBuilder(model, EngineConfig(max_batch=8, decode_steps=3, multi_step_rows=16, stream_window=128))
     sampling, greedy = decoding(model, 1, seed=5), decoding(model, 1, temperature=0)
     feeding = make_row(model, prompt="KING:")
     feeding.phase = STEP_FEED
@@ -254,7 +255,7 @@ def test_a_few_unseeded_rows_are_sampled_in_python_with_the_scripted_samplers_di
     model: LoadedModel,
 ) -> None:
     stepper = Stepper(model)
-    builder = BatchBuilder(model, max_batch=8, decode_steps=1, multi_step_rows=16, stream_window=128)
+    builder = BatchBuilder(model, EngineConfig(max_batch=8, decode_steps=1, multi_step_rows=16, stream_window=128))
     rows = decoding(model, SMALL_BATCH)
     batch = builder.build(rows, quiet=True)
     draws = [random.Random(i).random() for i in range(SMALL_BATCH)]
@@ -307,8 +308,8 @@ def engine_parts(model: LoadedModel, **options: Any) -> tuple[Scheduler, Outputs
     handover = Handover(lambda events: None, interval_s=0.0)
     inbox = Inbox()
     outputs = Outputs(model, Metrics(), handover, leave=lambda row: scheduler.remove(row))
-    settings = dict(max_streams=3, prefill_chunk=4, step_prefill_chars=5, stream_window=10) | options
-    scheduler = Scheduler(model, inbox, Stepper(model), outputs, **settings)  # type: ignore[arg-type]
+    config = EngineConfig(**(dict(max_streams=3, prefill_chunk=4, step_prefill_chars=5, stream_window=10) | options))
+    scheduler = Scheduler(model, config, inbox, Stepper(model), outputs)
     return scheduler, outputs, handover, inbox
 
 

@@ -28,7 +28,8 @@ No eager torch op runs on the engine's thread: each gives up the GIL and, behind
 loop, waits up to a switch interval to take it back (see `StepSampler` in service/sampling.py).
 """
 
+from service.engine.config import EngineConfig
 from service.engine.core import Engine
 from service.engine.requests import EngineFull, EngineStopped, Finished, GenerationRequest, StreamHandle
 
-__all__ = ["Engine", "EngineFull", "EngineStopped", "Finished", "GenerationRequest", "StreamHandle"]
+__all__ = ["Engine", "EngineConfig", "EngineFull", "EngineStopped", "Finished", "GenerationRequest", "StreamHandle"]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from service.artifact import LoadedModel
+from service.engine.config import EngineConfig
 from service.engine.row import STEP_FEED, Row
 from service.sampling import BatchParams
 
@@ -65,14 +66,12 @@ class BatchBuilder:
     so the text is the same as one character per tick.
     """
 
-    def __init__(
-        self, model: LoadedModel, max_batch: int, decode_steps: int, multi_step_rows: int, stream_window: int
-    ) -> None:
+    def __init__(self, model: LoadedModel, config: EngineConfig) -> None:
         self.model = model
-        self.max_batch = max_batch
-        self.decode_steps = decode_steps
-        self.multi_step_rows = multi_step_rows
-        self.stream_window = stream_window
+        self.max_batch = config.max_batch
+        self.decode_steps = config.decode_steps
+        self.multi_step_rows = config.multi_step_rows
+        self.stream_window = config.stream_window
         self.pad_to = 1  # rows a reproducible step is padded to: the measured step_min_rows
         self._rotate = 0
         self._last_rows: list[Row] = []  # the rows of the last step, whose output is in _last_h/_c

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
+from typing import Any
 
 from service.artifact import LoadedModel
+from service.engine.config import EngineConfig
 from service.engine.handover import Event, Handover
 from service.engine.loop import EngineLoop
 from service.engine.requests import EngineFull, EngineStopped, Finished, GenerationRequest, Inbox, StreamHandle
@@ -20,51 +23,21 @@ class Engine:
     """
 
     def __init__(
-        self,
-        model: LoadedModel,
-        metrics: Metrics,
-        *,
-        max_streams: int = 64,
-        max_queue: int = 64,
-        max_batch: int = 64,
-        step_min_rows: int | None = None,  # None: measured at start-up (calibration.py)
-        prefill_chunk: int = 64,
-        step_prefill_chars: int = 32,
-        decode_steps: int = 8,
-        multi_step_rows: int = 16,
-        stream_window: int = 128,
-        flush_interval_s: float = 0.02,
-        torch_threads: int = 1,
+        self, model: LoadedModel, metrics: Metrics, config: EngineConfig | None = None, **overrides: Any
     ) -> None:
+        """``overrides``: fields of EngineConfig, over ``config`` (or the defaults)."""
+        self.config = config = dataclasses.replace(config or EngineConfig(), **overrides)
         self.model = model
         self.metrics = metrics
-        self.max_streams = max_streams
-        self.max_queue = max_queue
-        self.step_min_rows = step_min_rows  # the padding in use once started
+        self.step_min_rows = config.step_min_rows  # the padding in use once started
         self.batch_invariant: bool | None = None  # known once started
         self.failure: str | None = None  # why the engine thread died, if it did
         self._inbox = Inbox()
         self._wake = threading.Event()
         self._open: set[StreamHandle] = set()  # submitted and not yet finished
         self._thread: threading.Thread | None = None
-        self._handover = Handover(self._deliver, flush_interval_s)
-        self.worker = EngineLoop(
-            model,
-            metrics,
-            self._inbox,
-            self._wake,
-            self._handover,
-            self._died,
-            max_streams=max_streams,
-            max_batch=max_batch,
-            step_min_rows=step_min_rows,
-            prefill_chunk=prefill_chunk,
-            step_prefill_chars=step_prefill_chars,
-            decode_steps=decode_steps,
-            multi_step_rows=multi_step_rows,
-            stream_window=stream_window,
-            torch_threads=torch_threads,
-        )
+        self._handover = Handover(self._deliver, config.flush_interval_s)
+        self.worker = EngineLoop(model, metrics, config, self._inbox, self._wake, self._handover, self._died)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the engine's thread; returns once it has measured its padding (on its own thread,
@@ -97,10 +70,11 @@ class Engine:
         the engine stops or dies."""
         if not self.alive:
             raise EngineStopped(self.failure or "the engine is not running")
-        if len(self._open) >= self.max_streams + self.max_queue:
+        config = self.config
+        if len(self._open) >= config.max_streams + config.max_queue:
             raise EngineFull(
                 f"{len(self._open)} generations running or queued (limit "
-                f"{self.max_streams} running + {self.max_queue} queued)"
+                f"{config.max_streams} running + {config.max_queue} queued)"
             )
         handle = StreamHandle(self._wake.set)
         if not self._inbox.put(handle, req):  # the thread took its last look at the inbox already

@@ -12,6 +12,7 @@ import torch
 from service.artifact import LoadedModel
 from service.engine.batch import BatchBuilder
 from service.engine.calibration import Padding, choose_padding
+from service.engine.config import EngineConfig
 from service.engine.handover import Handover
 from service.engine.outputs import Outputs
 from service.engine.requests import Finished, Inbox
@@ -36,53 +37,33 @@ class EngineLoop:
         self,
         model: LoadedModel,
         metrics: Metrics,
+        config: EngineConfig,
         inbox: Inbox,
         wake: threading.Event,
         handover: Handover,
         died: Callable[[str], None],
-        *,
-        max_streams: int,
-        max_batch: int,
-        step_min_rows: int | None,
-        prefill_chunk: int,
-        step_prefill_chars: int,
-        decode_steps: int,
-        multi_step_rows: int,
-        stream_window: int,
-        torch_threads: int,
     ) -> None:
         self.model = model
         self.metrics = metrics
+        self.config = config
         self.inbox = inbox
         self.wake = wake
         self.handover = handover
         self.died = died
-        self.max_batch = max_batch
-        self.requested_min_rows = step_min_rows
-        self.torch_threads = torch_threads
         self.stopping = False
         self.calibrated = threading.Event()
         self.padding: Padding | None = None
         self.stepper = Stepper(model)
-        self.batches = BatchBuilder(model, max_batch, decode_steps, multi_step_rows, stream_window)
+        self.batches = BatchBuilder(model, config)
         self.outputs = Outputs(model, metrics, handover, self._leave)
-        self.scheduler = Scheduler(
-            model,
-            inbox,
-            self.stepper,
-            self.outputs,
-            max_streams=max_streams,
-            prefill_chunk=prefill_chunk,
-            step_prefill_chars=step_prefill_chars,
-            stream_window=stream_window,
-        )
+        self.scheduler = Scheduler(model, config, inbox, self.stepper, self.outputs)
         self._counts_shown = (-1, -1)  # (rows, queued) last written to the gauges
 
     def run(self) -> None:
         try:
-            torch.set_num_threads(self.torch_threads)  # intra-op threads are per calling thread in OpenMP
+            torch.set_num_threads(self.config.torch_threads)  # intra-op threads are per calling thread in OpenMP
             try:
-                self.padding = choose_padding(self.model, self.max_batch, self.requested_min_rows)
+                self.padding = choose_padding(self.model, self.config.max_batch, self.config.step_min_rows)
                 self.batches.pad_to = self.padding.step_min_rows
             finally:
                 self.calibrated.set()

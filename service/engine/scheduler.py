@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from service.artifact import LoadedModel
+from service.engine.config import EngineConfig
 from service.engine.outputs import Outputs
 from service.engine.requests import Finished, Inbox
 from service.engine.row import DECODE, PREFILL, STEP_FEED, Row
@@ -25,25 +26,16 @@ from service.engine.step import Stepper
 
 class Scheduler:
     def __init__(
-        self,
-        model: LoadedModel,
-        inbox: Inbox,
-        stepper: Stepper,
-        outputs: Outputs,
-        *,
-        max_streams: int,
-        prefill_chunk: int,
-        step_prefill_chars: int,
-        stream_window: int,
+        self, model: LoadedModel, config: EngineConfig, inbox: Inbox, stepper: Stepper, outputs: Outputs
     ) -> None:
         self.model = model
         self.inbox = inbox
         self.stepper = stepper
         self.outputs = outputs
-        self.max_streams = max_streams
-        self.prefill_chunk = prefill_chunk
-        self.step_prefill_chars = step_prefill_chars
-        self.stream_window = stream_window
+        self.max_streams = config.max_streams
+        self.prefill_chunk = config.prefill_chunk
+        self.step_prefill_chars = config.step_prefill_chars
+        self.stream_window = config.stream_window
         self.rows: list[Row] = []
         self.prefilling: deque[Row] = deque()  # rows reading a long prompt with `forward`, in turn
         self._fresh = model.module.init_state(1)  # (h, c) of a row with no text yet

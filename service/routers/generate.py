@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -13,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.auth import OwnerDep
 from service.dependencies import GenerationsDep, ModelDep
 from service.engine import Finished
-from service.generation import GenerationSpec, Job, collect, stream_job
+from service.generation import GenerationSpec
+from service.job import Job
+from service.routers.results import collect, stream
 from service.sampling import SamplingParams
 from service.sse import EventStreamResponse
 
@@ -59,7 +60,7 @@ def usage(spec: GenerationSpec, completion_chars: int) -> dict[str, int]:
     return {"prompt_chars": len(spec.prompt), "completion_chars": completion_chars}
 
 
-@router.post("/v1/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}})
+@router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}})
 async def generate(
     body: GenerateRequest, request: Request, generations: GenerationsDep, model: ModelDep, owner: OwnerDep
 ) -> Response:
@@ -69,7 +70,7 @@ async def generate(
     generations.validate(spec)
     job = await generations.start(spec, received)
     if spec.stream:
-        return EventStreamResponse(stream_events(job), on_close=job.abandon)
+        return stream_events(job)
     text, finished = await collect(job, request)
     payload = GenerateResponse(
         text=text,
@@ -81,7 +82,7 @@ async def generate(
     return JSONResponse(payload.model_dump())
 
 
-def stream_events(job: Job) -> AsyncIterator[str]:
+def stream_events(job: Job) -> EventStreamResponse:
     def final(finished: Finished) -> dict[str, Any]:
         return {
             "finish_reason": finished.reason,
@@ -89,4 +90,4 @@ def stream_events(job: Job) -> AsyncIterator[str]:
             "usage": usage(job.spec, finished.completion_chars),
         }
 
-    return stream_job(job, lambda piece: {"text": piece}, final)
+    return stream(job, lambda piece: {"text": piece}, final)
