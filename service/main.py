@@ -19,7 +19,8 @@ import uvicorn
 from fastapi import Depends, FastAPI
 from pydantic import ValidationError
 
-from service.artifact import LoadedModel, ModelLoadError, load_model
+from chargen.artifact import ArtifactError
+from service.artifact import LoadedModel, load_model
 from service.auth import ApiKeys, require_key
 from service.engine import Engine, EngineConfig
 from service.errors import ERROR_RESPONSES, install_error_handlers
@@ -225,7 +226,7 @@ def run(host: str | None = None, port: int | None = None, model: str | None = No
         return 2
     try:
         loaded = load_model(settings.model_path, settings.model_id)
-    except ModelLoadError as err:
+    except ArtifactError as err:
         print(f"chargen: error: {err}", file=sys.stderr)
         return 2
     app = create_app(settings, loaded)

@@ -8,28 +8,14 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = "models/shakespeare.pt"
-
-
-def resolve_model_path(value: str) -> Path:
-    """A relative path is tried from the working directory, then from the project root.
-
-    So `chargen serve` finds the bundled model from the repository root and from anywhere else
-    after an editable install.
-    """
-    path = Path(value).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    bundled = PROJECT_ROOT / path
-    return bundled if bundled.exists() else path
+from chargen.artifact import BUNDLED_MODEL
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHARGEN_", extra="ignore")
 
     # what to serve and where
-    model: str = Field(DEFAULT_MODEL, description="TorchScript artifact to serve")
+    model: str | None = Field(None, description="TorchScript artifact to serve (default: the bundled model)")
     model_id: str | None = Field(None, description="id shown in /v1/models (default: the file's stem)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -118,4 +104,6 @@ class Settings(BaseSettings):
 
     @cached_property
     def model_path(self) -> Path:
-        return resolve_model_path(self.model)
+        """The artifact to serve: CHARGEN_MODEL (a relative path is from the working directory),
+        else the Shakespeare model shipped inside the package, wherever it is installed."""
+        return Path(self.model).expanduser() if self.model else BUNDLED_MODEL
