@@ -74,7 +74,7 @@ def server_5xx(metrics_text: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--locustfile", default=str(ROOT / "locustfile.py"), help="locustfile to run (issue 4's)")
+    parser.add_argument("--locustfile", default=str(ROOT / "locustfile.py"), help="locustfile to run (the load test's)")
     parser.add_argument("--model", default=str(ROOT / "chargen" / "models" / "shakespeare.pt"))
     parser.add_argument("--users", type=int, default=64)
     parser.add_argument("--spawn-rate", type=float, default=16)

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
         "characters and its end go out at once)",
     )
 
-    # access and lifecycle (issue 6)
+    # access and lifecycle: API keys, per-key limits, draining, stalled clients
     api_keys: SecretStr = Field(
         SecretStr(""),
         description="comma-separated API keys, or sha256:<hex> digests of them; empty: no authentication",
