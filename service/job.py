@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from service.engine import Finished, StreamHandle
@@ -33,28 +33,19 @@ class Outcome:
     problem: Problem | None  # the generation failed, or ran but its session could not be saved
 
 
+@dataclass(eq=False)  # a job is itself, not its fields (jobs live in sets)
 class Job:
-    def __init__(
-        self,
-        store: SessionStore,
-        settings: Settings,
-        metrics: Metrics,
-        spec: GenerationSpec,
-        handle: StreamHandle,
-        token: str | None,
-        received_at: float,
-    ) -> None:
-        self.store = store
-        self.settings = settings
-        self.metrics = metrics
-        self.spec = spec
-        self.handle = handle
-        self.token = token
-        self.received_at = received_at
-        self._task: asyncio.Task[Outcome] | None = None
-        self._first = True
-        self._unsent_since: float | None = None  # a piece was handed to the response, not yet sent
-        self._stop_requested = False
+    store: SessionStore
+    settings: Settings
+    metrics: Metrics
+    spec: GenerationSpec
+    handle: StreamHandle
+    token: str | None  # the session's lease, if it has a session
+    received_at: float  # perf_counter() when the request arrived (time to first character)
+    _task: asyncio.Task[Outcome] | None = field(default=None, init=False)
+    _first: bool = field(default=True, init=False)
+    _unsent_since: float | None = field(default=None, init=False)  # a piece was handed to the response, not yet sent
+    _stop_requested: bool = field(default=False, init=False)
 
     @property
     def session_id(self) -> str | None:
