@@ -16,19 +16,24 @@ import redis.asyncio as aioredis
 from pytest_redis.executor import RedisExecutor
 
 from service.state_store import MemoryStore, RedisStore, SessionBusy, SessionNotFound, SessionStore, StoreUnavailable
-from tests.redis_support import CommandLog, RedisServer, ReplyGate
+from tests.redis_support import CommandLog, LocalCluster, RedisServer, ReplyGate
 from tests.service_support import ServerThread, free_port, generate, new_session
 
 Scenario = Callable[[SessionStore], Awaitable[None]]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def make_store(request: pytest.FixtureRequest) -> Callable[..., SessionStore]:
+    """The same scenarios on each store: in this process, one redis-server, a Redis Cluster."""
+
     def factory(ttl_s: int = 60, lease_ms: int = 5000) -> SessionStore:
+        prefix = f"chargen:test-{secrets.token_hex(4)}:"  # each test its own keys (the ACL allows chargen:*)
         if request.param == "memory":
             return MemoryStore(ttl_s, lease_ms)
+        if request.param == "cluster":
+            cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+            return RedisStore(cluster.url, ttl_s, lease_ms, prefix=prefix)
         proc: RedisExecutor = request.getfixturevalue("redis_proc")
-        prefix = f"test-{secrets.token_hex(4)}:"  # each test its own keys
         return RedisStore(f"redis://{proc.host}:{proc.port}/0", ttl_s, lease_ms, prefix=prefix)
 
     return factory
@@ -121,14 +126,14 @@ def test_ttl_slides_on_use_and_expiry_is_counted_once(make_store: Callable[..., 
         await asyncio.sleep(0.7)
         assert await store.get("b") is None
         assert await store.get("a") is not None
-        # A full pass reads the expiry index of all 16384 slots (~0.5 s): use a just before each
-        # one, so a is never due during it whatever the pass takes.
-        await store.release("a", (await store.acquire("a"))[0])
-        assert await store.sweep_expired(full_pass=True) == 1
-        await store.release("a", (await store.acquire("a"))[0])
+        # A full pass reads the expiry index of all 16384 slots (most of a second): delete a, so
+        # that it cannot fall due during one and the counts below do not depend on their speed.
+        assert await store.delete("a", (await store.acquire("a"))[0])
+        assert await store.sweep_expired(full_pass=True) == 1  # b
         assert await store.sweep_expired(full_pass=True) == 0  # counted once
+        await store.create("c", b"x")
         await asyncio.sleep(1.1)
-        assert await store.sweep_expired(full_pass=True) == 1
+        assert await store.sweep_expired(full_pass=True) == 1  # c
 
     run(make_store(ttl_s=1), scenario)
 
@@ -220,4 +225,34 @@ def test_a_generation_on_a_session_costs_redis_two_calls(tiny_artifact: Path, tm
                 assert log.commands() == ["EVALSHA", "EVALSHA"], stream
     finally:
         r.close()
+        server.stop()
+
+
+def test_a_release_that_fails_is_retried_until_redis_is_back(tmp_path: Path) -> None:
+    """Redis is down when a request ends, so its lease cannot be freed then: the store keeps
+    trying, and the session is free as soon as Redis is back, not lease_ms (30 s) later."""
+    server = RedisServer(tmp_path, persistent=True).start()
+
+    async def main() -> None:
+        store = RedisStore(server.url, 60, 30_000, timeout_s=0.5)
+        try:
+            await store.create("r", b"x")
+            token, _ = await store.acquire("r")
+            server.kill()
+            with pytest.raises(StoreUnavailable):
+                await store.release("r", token)
+            server.start()  # same port, same append-only file: the lease is still there
+            for _ in range(300):  # 3 s, a tenth of the lease
+                try:
+                    await store.release("r", (await store.acquire("r"))[0])
+                    return
+                except (SessionBusy, StoreUnavailable):
+                    await asyncio.sleep(0.01)
+            pytest.fail("the lease stayed held after Redis came back")
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(main())
+    finally:
         server.stop()

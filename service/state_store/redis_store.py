@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import random
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +37,7 @@ from service.state_store.target import parse_target, redacted
 T = TypeVar("T")
 
 SWEEP_SHARE = 8  # each sweep call reads 1/8 of the slots' expiry indexes: a full pass every 8 calls
+RELEASE_RETRY_S = 0.25  # a release that failed is retried this often until the lease would have expired
 SWEEP_BATCH = 128  # index reads per pipeline: ~6 ms of the event loop's time (redis-py packs and parses)
 
 
@@ -227,7 +228,10 @@ class RedisStore(SessionStore):
         return token, bytes(result[1])
 
     def _release_soon(self, session_id: str, token: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._release_quietly(session_id, token))
+        self._background_task(self._release_quietly(session_id, token))
+
+    def _background_task(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -250,7 +254,21 @@ class RedisStore(SessionStore):
         return bool(await self._call(self._save(self.layout.keys(session_id), args)))
 
     async def release(self, session_id: str, token: str) -> None:
-        await self._call(self._release([self.layout.lease(session_id)], [token]))
+        try:
+            await self._call(self._release([self.layout.lease(session_id)], [token]))
+        except StoreUnavailable:
+            # Redis (or this session's shard) is down: keep trying in the background, so that the
+            # session is free as soon as Redis is back (a failover: seconds), not lease_ms later.
+            self._background_task(self._release_until_expired(session_id, token))
+            raise
+
+    async def _release_until_expired(self, session_id: str, token: str) -> None:
+        deadline = time.monotonic() + self.lease_ms / 1000
+        while time.monotonic() < deadline:
+            await asyncio.sleep(RELEASE_RETRY_S)
+            with contextlib.suppress(StoreUnavailable):
+                await self._call(self._release([self.layout.lease(session_id)], [token]))
+                return
 
     async def delete(self, session_id: str, token: str) -> bool:
         return bool(await self._call(self._delete(self.layout.keys(session_id), [token, session_id])))
@@ -280,8 +298,10 @@ class RedisStore(SessionStore):
         return expired
 
     async def close(self) -> None:
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=2)
+        if self._background:  # releases in flight; those still retrying give up (the leases expire)
+            _, retrying = await asyncio.wait(list(self._background), timeout=1)
+            for task in retrying:
+                task.cancel()
         await self.redis.aclose()
 
 
