@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
 import signal
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,16 +80,28 @@ class RedisServer:
     """A redis-server process of the test's own, on a free loopback port, that can be SIGKILLed
     and restarted (with the same append-only file when persistent)."""
 
-    def __init__(self, workdir: Path, persistent: bool = False, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        persistent: bool = False,
+        extra_args: Sequence[str] = (),
+        password: str | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.port = free_port()
         self.dir = workdir
         self.persistent = persistent
         self.extra_args = list(extra_args)
+        self.password = password  # of the default user (an admin's, for the test's own client)
+        self.tls = tls  # TLS only: no plain port at all
         self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"{'rediss' if tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        listen = tls_server_args(self.tls, self.port) if self.tls else ["--port", str(self.port)]
+        args = ["redis-server", *listen, "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        if self.password:
+            args += ["--requirepass", self.password]
         args += ["--save", "", "--daemonize", "no", "--protected-mode", "no"]
         if self.persistent:  # every write fsynced before it is acknowledged: a SIGKILL loses nothing
             args += ["--appendonly", "yes", "--appendfsync", "always"]
@@ -97,7 +112,11 @@ class RedisServer:
         return self
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2)
+        tls: dict[str, Any] = {}
+        if self.tls:
+            tls = dict(ssl=True, ssl_ca_certs=str(self.tls.ca))
+            tls.update(ssl_certfile=str(self.tls.client_cert), ssl_keyfile=str(self.tls.client_key))
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=2, socket_connect_timeout=2, **tls)
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -261,3 +280,92 @@ class LocalCluster:
     def stop(self) -> None:
         for port in list(self.procs):
             self.kill(port)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path  # the test's own certificate authority
+    server_cert: Path  # for 127.0.0.1 and localhost, signed by ca
+    server_key: Path
+    client_cert: Path  # a client certificate signed by ca (the server asks for one)
+    client_key: Path
+    other_ca: Path  # a CA that signed nothing here: trusting only it must fail
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """A CA, a server and a client certificate, made here (nothing from outside the test)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+        pkcs8 = serialization.PrivateFormat.PKCS8
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()))
+        return path
+
+    def write_cert(cert: x509.Certificate, path: Path) -> Path:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    def authority(common: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(common))
+            .issuer_name(name(common))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(*[False] * 5, True, True, False, False), critical=True)  # cert + CRL sign
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cert, key
+
+    def leaf(common: str, usage: x509.ObjectIdentifier, ca: x509.Certificate, ca_key: Any) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(common))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        )
+        if usage == ExtendedKeyUsageOID.SERVER_AUTH:
+            san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(ca_key, hashes.SHA256()), key
+
+    ca, ca_key = authority("chargen test CA")
+    other_ca, _ = authority("some other CA")
+    server, server_key = leaf("redis", ExtendedKeyUsageOID.SERVER_AUTH, ca, ca_key)
+    client, client_key = leaf("chargen", ExtendedKeyUsageOID.CLIENT_AUTH, ca, ca_key)
+    return TlsFiles(
+        ca=write_cert(ca, directory / "ca.crt"),
+        server_cert=write_cert(server, directory / "redis.crt"),
+        server_key=write_key(server_key, directory / "redis.key"),
+        client_cert=write_cert(client, directory / "client.crt"),
+        client_key=write_key(client_key, directory / "client.key"),
+        other_ca=write_cert(other_ca, directory / "other-ca.crt"),
+    )
+
+
+def tls_server_args(tls: TlsFiles, port: int) -> list[str]:
+    """redis-server on TLS only (its plain port off), asking clients for a certificate."""
+    return [
+        "--port", "0", "--tls-port", str(port),
+        "--tls-cert-file", str(tls.server_cert), "--tls-key-file", str(tls.server_key),
+        "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "yes",
+    ]  # fmt: skip
