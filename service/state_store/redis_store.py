@@ -191,10 +191,11 @@ class RedisStore(SessionStore):
         await self._call(asyncio.gather(*pings))
 
     async def create(self, session_id: str, state: bytes, owner: str | None = None) -> None:
-        await self._write_session(session_id, state, owner, self.ttl_s * 1000, now_ms())
+        await self.restore(session_id, state, owner, self.ttl_s * 1000, now_ms())
 
-    async def _write_session(self, session_id: str, state: bytes, owner: str | None, ttl_ms: int, updated: int) -> None:
-        args = [ttl_ms, now_ms() + ttl_ms, session_id, state, updated, owner or ""]
+    async def restore(self, session_id: str, state: bytes, owner: str | None, ttl_ms: int, updated_ms: int) -> None:
+        """Write a whole session as given (create, and the migration from the old layout)."""
+        args = [ttl_ms, now_ms() + ttl_ms, session_id, state, updated_ms, owner or ""]
         await self._call(self._create(self.layout.keys(session_id), args))
 
     async def _refuse_old_layout(self, session_id: str) -> None:
