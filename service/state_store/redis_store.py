@@ -13,6 +13,7 @@ import hashlib
 import random
 import time
 from collections.abc import Awaitable, Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,15 +23,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from service.state_store import lua
-from service.state_store.base import (
-    SessionBusy,
-    SessionNotFound,
-    SessionStore,
-    StoredSession,
-    StoreUnavailable,
-    new_lease_token,
-)
+from service.state_store import base, lua
+from service.state_store.base import SessionBusy, SessionNotFound, SessionStore, StoredSession, StoreUnavailable
 from service.state_store.layout import SLOTS, KeyLayout
 from service.state_store.target import parse_target, redacted
 
@@ -39,6 +33,15 @@ T = TypeVar("T")
 SWEEP_SHARE = 8  # each sweep call reads 1/8 of the slots' expiry indexes: a full pass every 8 calls
 RELEASE_RETRY_S = 0.25  # a release that failed is retried this often until the lease would have expired
 SWEEP_BATCH = 128  # index reads per pipeline: ~6 ms of the event loop's time (redis-py packs and parses)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """For rediss:// servers: the CA to trust (None: the system's) and a client certificate."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
 
 
 class OldLayoutSession(StoreUnavailable):
@@ -77,9 +80,7 @@ class RedisStore(SessionStore):
         prefix: str = "chargen:",
         timeout_s: float = 2.0,
         password: str | None = None,
-        tls_ca_file: Path | None = None,
-        tls_cert_file: Path | None = None,
-        tls_key_file: Path | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         super().__init__(ttl_s, lease_ms)
         self.layout = KeyLayout(prefix)
@@ -94,12 +95,8 @@ class RedisStore(SessionStore):
         )
         if password or target.password:
             options["password"] = password or target.password
-        if target.tls:
-            options.update(
-                ssl_ca_certs=str(tls_ca_file) if tls_ca_file else None,
-                ssl_certfile=str(tls_cert_file) if tls_cert_file else None,
-                ssl_keyfile=str(tls_key_file) if tls_key_file else None,
-            )
+        if target.tls and tls is not None:
+            options.update(ssl_ca_certs=tls.ca, ssl_certfile=tls.cert, ssl_keyfile=tls.key)
         self.redis: Any
         if target.cluster:
             # One retry, with no wait: after a failover the first command to the dead primary
@@ -212,7 +209,7 @@ class RedisStore(SessionStore):
         return StoredSession(bytes(state), max(0, int(ttl)), owner.decode() if owner is not None else None)
 
     async def acquire(self, session_id: str, owner: str | None = None) -> tuple[str, bytes]:
-        token = new_lease_token()
+        token = base.new_lease_token()
         args = [token, self.lease_ms, self.ttl_s, self._expiry_score(), session_id, owner or ""]
         try:
             result = await self._call(self._acquire(self.layout.keys(session_id), args))
