@@ -22,6 +22,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from service.state_store import base, lua
 from service.state_store.base import SessionBusy, SessionNotFound, SessionStore, StoredSession, StoreUnavailable
@@ -113,8 +114,13 @@ class RedisStore(SessionStore):
             )
         else:
             # One quick try per call: a request must fail fast with 503, and the pool reconnects
-            # by itself on the next call once Redis is back.
-            self.redis = aioredis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+            # by itself on the next call once Redis is back. Without maintenance notifications
+            # (a Redis Enterprise feature), the pool checks a pooled connection before handing
+            # it out, so the first request after a Redis restart reconnects instead of failing.
+            maintenance = MaintNotificationsConfig(enabled=False)
+            self.redis = aioredis.from_url(
+                url, retry=Retry(NoBackoff(), 0), maint_notifications_config=maintenance, **options
+            )
         self._create = Script(self.redis, lua.CREATE)
         self._acquire = Script(self.redis, lua.ACQUIRE)
         self._renew = Script(self.redis, lua.RENEW)
