@@ -378,18 +378,21 @@ class Job:
         # never answers with its text, so its session keeps the state from before the request.
         unanswered = finished.reason == "cancelled" and not self.spec.stream
         if sid is not None and token is not None:
-            try:
-                if finished.state is not None and not unanswered and not await store.save(sid, token, finished.state):
-                    error = ApiError(
-                        409,
-                        f"session_id: lost the lease on session {sid!r} before saving; "
-                        "this request's text was not saved",
-                        "session_id",
-                        "lease_lost",
-                    )
-            except StoreUnavailable as err:
-                error = store_down(err)
-            await owner._release_quietly(sid, token)
+            if finished.state is None or unanswered:
+                await owner._release_quietly(sid, token)
+            else:
+                try:  # one round trip: save, then free the lease, in one script
+                    if not await store.save_and_release(sid, token, finished.state):
+                        error = ApiError(
+                            409,
+                            f"session_id: lost the lease on session {sid!r}, or the session expired, before "
+                            "saving; this request's text was not saved",
+                            "session_id",
+                            "lease_lost",
+                        )
+                except StoreUnavailable as err:
+                    error = store_down(err)
+                    await owner._release_quietly(sid, token)
         return Outcome(finished, error)
 
     async def _keep_lease(self) -> None:

@@ -14,12 +14,14 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import random
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.redis_support import LocalCluster
 from training.config import TrainConfig
 from training.export import export
 from training.train import train
@@ -80,6 +82,15 @@ def tiny_artifact(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -
     path = out / "model.pt"
     export(result.checkpoint, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A Redis Cluster (3 primaries, a replica each) on loopback, shared by the tests that only
+    read and write sessions; a test that kills a node starts its own."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"), password=secrets.token_urlsafe(12)).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
