@@ -96,8 +96,9 @@ class CharLSTM(nn.Module):
         self.dropout = config.dropout
         # x_t is one-hot, so W_x x_t is a row lookup; one table holds every layer's rows.
         self.input_proj = nn.Embedding(V, L * 4 * H)
-        # Layer n > 0 also sees h^{n-1}: W_below[n-1] maps it to that layer's four gates.
-        self.w_below = nn.Parameter(torch.empty(max(L - 1, 1), H, 4 * H))
+        # Layer n > 0 also sees h^{n-1}: W_below[n-1] maps it to that layer's four gates. With one
+        # layer it is empty and takes no gradient (DDP fails on a parameter that never gets one).
+        self.w_below = nn.Parameter(torch.empty(L - 1, H, 4 * H), requires_grad=L > 1)
         self.w_h = nn.Parameter(torch.empty(L, H, 4 * H))  # recurrent weights
         self.bias = nn.Parameter(torch.zeros(L, 4 * H))
         self.peephole = nn.Parameter(torch.zeros(L, 3, H))  # w_ci, w_cf, w_co per layer
