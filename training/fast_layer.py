@@ -16,14 +16,14 @@ step: autocast caches casts of leaf tensors only, and ``w_h[n]`` is a view. The 
 pointwise math stay in float32.
 
 tanh(x) is computed as 2 sigmoid(2x) - 1, the same function: on the development CPU ``torch.tanh``
-takes about 5x as long as ``torch.sigmoid``, and the forward's three gate sigmoids and the tanh of
-the cell input become one call. ``CharLSTM.forward`` uses this layer in eager mode; the scripted
+takes about 5x as long as ``torch.sigmoid``, and the sigmoids of the i and f gates and of the cell
+input (for its tanh) become one call. ``CharLSTM.forward`` uses this layer in eager mode; the scripted
 artifact keeps ``peephole_lstm_layer`` (TorchScript drops the eager branch).
 
 ``compiled_cells()`` swaps the two per-step pointwise functions for ``torch.compile``d ones, which
 fuse each into one kernel: one launch instead of about fifteen, which is what a GPU waits on. On the
-development CPU it measured no faster than these eager functions (docs/training.md), so by default
-the trainer compiles on CUDA only.
+development CPU the compiled step measured slower than these eager functions (docs/training.md), so
+by default the trainer compiles on CUDA only.
 """
 
 from __future__ import annotations
@@ -120,13 +120,14 @@ class PeepholeLayer(torch.autograd.Function):
         h_, c_, a_, tanh_ = hs.unbind(0), cs.unbind(0), gates.unbind(0), tanh_c.unbind(0)
         gates_ = gates.view(T, B, 4, H).unbind(0)
         cell = KERNELS["forward"]
+        w_cif, w_co = p[:2], p[2]
         with torch.autocast(x_proj.device.type, enabled=False):  # the dtypes here are explicit
             for t, x_t in enumerate(x_proj.to(state).unbind(0)):
                 if w.dtype == state:
                     torch.addmm(x_t, h_[t], w, out=a_[t])
                 else:  # bf16 product, float32 sum
                     torch.add(x_t, torch.mm(h_[t].to(w.dtype), w), out=a_[t])
-                cell(gates_[t], c_[t], p[:2], p[2], one, h_[t + 1], c_[t + 1], tanh_[t])
+                cell(gates_[t], c_[t], w_cif, w_co, one, h_[t + 1], c_[t + 1], tanh_[t])
         # All that backward needs goes through save_for_backward, so saved-tensor hooks (and the
         # test that counts the bytes kept per step) see every byte.
         ctx.save_for_backward(w, p, hs, cs, gates, tanh_c)
