@@ -209,7 +209,7 @@ def main() -> int:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "tinyshakespeare-gpu.toml")
     parser.add_argument("--corpus", help="the corpus (default: the config's; --smoke: README.md)")
     parser.add_argument("--minutes", type=float, help="stop training after this long (default: the whole config)")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "acceptance")
+    parser.add_argument("--out", type=Path, help="new or empty (default runs/acceptance; --smoke: a temp dir)")
     parser.add_argument("--ddp-steps", type=int, help="steps of the 2-process run (default 200; --smoke 10)")
     args = parser.parse_args()
 
@@ -222,6 +222,8 @@ def main() -> int:
     else:
         print("gpu_acceptance: error: no CUDA device here; --smoke runs the same code on CPU", file=sys.stderr)
         return 2
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="chargen-acceptance-")) if args.smoke else ROOT / "runs" / "acceptance"
     if args.out.exists() and any(args.out.iterdir()):
         print(f"gpu_acceptance: error: {args.out} is not empty; choose another --out", file=sys.stderr)
         return 2
