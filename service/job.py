@@ -127,14 +127,17 @@ class Job:
         # never answers with its text, so its session keeps the state from before the request.
         unanswered = finished.reason == "cancelled" and not self.spec.stream
         if sid is not None and token is not None:
-            try:
-                if finished.state is not None and not unanswered and not await store.save(sid, token, finished.state):
-                    message = f"session_id: lost the lease on session {sid!r} before saving; "
-                    message += "this request's text was not saved"
-                    problem = Problem("lease_lost", message, "session_id")
-            except StoreUnavailable as err:
-                problem = store_unavailable(err)
-            await release_quietly(store, sid, token)
+            if finished.state is None or unanswered:
+                await release_quietly(store, sid, token)
+            else:
+                try:  # one round trip: save, then free the lease, in one script
+                    if not await store.save_and_release(sid, token, finished.state):
+                        message = f"session_id: lost the lease on session {sid!r}, or the session expired, "
+                        message += "before saving; this request's text was not saved"
+                        problem = Problem("lease_lost", message, "session_id")
+                except StoreUnavailable as err:
+                    problem = store_unavailable(err)
+                    await release_quietly(store, sid, token)
         return Outcome(finished, problem)
 
     async def _keep_lease(self) -> None:

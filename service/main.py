@@ -29,7 +29,7 @@ from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, DrainingReadinessMiddleware, RequestMetricsMiddleware
 from service.routers import completions, generate, health, inspect, models, playground, sessions
 from service.settings import Settings
-from service.state_store import SessionStore, StoreUnavailable, make_store
+from service.state_store import SessionStore, StoreUnavailable, open_store
 
 log = logging.getLogger("chargen.service")
 
@@ -86,13 +86,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         configure_torch(settings)
         engine = Engine(loaded, metrics, engine_config(settings))
         await asyncio.to_thread(engine.start, asyncio.get_running_loop())
-        store = make_store(
-            settings.state_url,
-            settings.session_ttl_s,
-            settings.lease_ms,
-            prefix=settings.redis_prefix,
-            timeout_s=settings.redis_timeout_s,
-        )
+        store = open_store(settings)
         try:
             await store.open_connections(settings.max_streams)
         except StoreUnavailable as err:  # not fatal: /readyz reports it, and the pool connects later
@@ -110,7 +104,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
             "serving %s (%s) with sessions in %s",
             loaded.model_id,
             loaded.fingerprint[:19],
-            settings.state_url.split("@")[-1],
+            store.describe(),  # never the URL's user name or password
         )
         try:
             yield

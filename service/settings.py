@@ -5,10 +5,12 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chargen.artifact import BUNDLED_MODEL
+from service.state_store.layout import check_prefix
+from service.state_store.target import check_url, read_password_file
 
 
 class Settings(BaseSettings):
@@ -21,7 +23,15 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
 
     # session state
-    state_url: str = Field("memory://", description="memory:// or redis://host:port/db")
+    state_url: str = Field(
+        "memory://",
+        description="memory://, redis://[user:password@]host:port/db (rediss://: TLS), or a Redis Cluster: "
+        "redis+cluster://host:port[,host:port...]/ (docs/scaling.md)",
+    )
+    state_password_file: Path | None = Field(None, description="Redis password read from this file (a secret)")
+    state_tls_ca_file: Path | None = Field(None, description="CA certificates that rediss:// servers must chain to")
+    state_tls_cert_file: Path | None = Field(None, description="client certificate, for servers that ask for one")
+    state_tls_key_file: Path | None = Field(None, description="the client certificate's private key")
     session_ttl_s: int = Field(3600, ge=1, description="sliding: refreshed on each use")
     lease_ms: int = Field(30_000, ge=100, description="per-session lock, renewed while in use")
     redis_prefix: str = "chargen:"
@@ -98,9 +108,31 @@ class Settings(BaseSettings):
     @field_validator("state_url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        if not (value.startswith("memory://") or value.startswith(("redis://", "rediss://", "unix://"))):
-            raise ValueError("must be memory:// or redis://host:port/db")
+        check_url(value)  # its message never repeats the URL, which may hold a password
         return value
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _no_hash_tag(cls, value: str) -> str:
+        return check_prefix(value)
+
+    @field_validator("state_password_file", "state_tls_ca_file", "state_tls_cert_file", "state_tls_key_file")
+    @classmethod
+    def _readable(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        if not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        if info.field_name == "state_password_file":
+            read_password_file(value)  # readable and not empty
+            check_url(info.data.get("state_url", "memory://"), value)  # and not a second password
+        return value
+
+    @model_validator(mode="after")
+    def _client_certificate_whole(self) -> Settings:
+        if (self.state_tls_cert_file is None) != (self.state_tls_key_file is None):
+            raise ValueError("CHARGEN_STATE_TLS_CERT_FILE and CHARGEN_STATE_TLS_KEY_FILE go together")
+        return self
 
     @cached_property
     def model_path(self) -> Path:

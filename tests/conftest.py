@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import random
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -25,6 +26,7 @@ import pytest
 from hypothesis import configuration as hypothesis_configuration
 from hypothesis import settings as hypothesis_settings
 
+from tests.redis_support import LocalCluster
 from training.config import TrainConfig
 from training.export import export
 from training.train import train
@@ -134,6 +136,15 @@ def tiny_artifact(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -
     path = out / "model.pt"
     export(result.checkpoint, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A Redis Cluster (3 primaries, a replica each) on loopback, shared by the tests that only
+    read and write sessions; a test that kills a node starts its own."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"), password=secrets.token_urlsafe(12)).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

@@ -84,3 +84,15 @@ def test_locustfile_runs_headless_without_failures(tiny_artifact: Path, tmp_path
     assert summary.returncode == 0, summary.stdout + summary.stderr  # requests were made, none failed
     for name in ("POST /v1/sessions", "stream: session continue", "stream: stateless", "DELETE /v1/sessions"):
         assert name in summary.stdout
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+def test_store_capacity_benchmark_runs_end_to_end() -> None:
+    stdout = run_benchmark("store_capacity.py", ["--rounds", "1", "--seconds", "0.5", "--concurrency", "4"])
+    lines = stdout.splitlines()
+    assert lines[0] == "state 16,860 bytes, 4 client tasks, 1 rounds of 0.5 s"
+    assert lines[1].startswith("memory per session: ")
+    assert lines[2].split() == ["store", "ops/s", "Redis", "CPU", "CPU", "us/op", "ops/s", "per", "Redis", "core"]
+    assert [line[:20].strip() for line in lines[3:5]] == ["one redis-server", "3-primary cluster"]
+    assert lines[5].startswith("cluster / single, ops/s, median of rounds side by side: ")
+    assert lines[6] == "each operation: 3 round trips (create; continue = acquire + save-and-release)"

@@ -107,3 +107,13 @@ def test_fetch_without_network_says_what_to_do(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setitem(data.TINY_SHAKESPEARE, "url", "http://127.0.0.1:9/input.txt")  # discard port
     with pytest.raises(CorpusError, match="--corpus PATH"):
         load_corpus("tinyshakespeare")
+
+
+def test_the_named_corpus_is_verified_when_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes trained on are the ones checked: a cached file that changed after the fetcher
+    checked it (another process rewriting it) is refused, not trained on under another name."""
+    changed = tmp_path / "tinyshakespeare.txt"
+    changed.write_text("First Citizen:\nhalf a file, written by another rank" * 4)
+    monkeypatch.setattr(data, "fetch_tinyshakespeare", lambda: changed)
+    with pytest.raises(CorpusError, match="sha256"):
+        load_corpus("tinyshakespeare")

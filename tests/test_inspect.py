@@ -32,7 +32,8 @@ TEXT = "ROMEO:\nthe night is fair, my lord,\n\nJULIET:\nsweet love, speak,\n"
 
 @torch.no_grad()
 def test_inspect_logits_and_state_equal_forward() -> None:
-    model = small_model(layers=3, hidden=8, vocab=11)
+    # The artifact's forward and inspect (eager forward trains through training/fast_layer.py).
+    model = script(small_model(layers=3, hidden=8, vocab=11))
     tokens = torch.randint(0, 11, (2, 13), generator=torch.Generator().manual_seed(1))
     h, c = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
     logits, h1, c1 = model(tokens, h, c)

@@ -123,3 +123,32 @@ def test_segment_gradients_flow_to_every_parameter() -> None:
     logits.sum().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def saved_bytes(model: CharLSTM, tokens: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward of one forward (each storage counted once), under CPU
+    bf16 autocast: the same code path as CUDA's bf16 autocast."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    h, c = model.init_state(tokens.size(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _, _ = model(tokens, h, c)
+    logits.float().sum().backward()
+    return sum(storages.values())
+
+
+def test_autocast_keeps_activations_per_step_not_a_cast_of_the_weights() -> None:
+    B, L, H = 2, 2, 16
+    model = small_model(layers=L, hidden=H)
+    tokens = torch.randint(0, 11, (B, 12))
+    per_step = (saved_bytes(model, tokens) - saved_bytes(model, tokens[:, :4].clone())) // 8
+    # What one more character costs, all of it activations: per layer the gate activations (4H),
+    # tanh(c_t), h_t and c_t in float32; the bf16 copy of the layer below's h that W_below's product
+    # keeps; the bf16 copy of every layer's h that the output layer keeps; the int64 character.
+    # A bf16 cast of W_h per step and layer would add L * H * 4H * 2 = 8,192 bytes.
+    activations = L * B * (4 * H + 3 * H) * 4 + (L - 1) * B * H * 2 + B * L * H * 2 + B * 8
+    assert per_step == activations

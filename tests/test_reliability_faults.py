@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import secrets
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,14 +17,14 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from service.artifact import load_model
 from service.state_codec import decode_state, describe_state
+from service.state_store.layout import KeyLayout
+from tests.redis_support import RedisServer
 from tests.service_support import (
     ServerProcess,
     ServerThread,
-    free_port,
     generate,
     generate_retrying_busy,
     new_session,
@@ -35,48 +34,6 @@ from tests.service_support import (
 
 PROMPT = "ROMEO:\nthe night "
 LONG = 1_000_000
-
-
-class RedisServer:
-    """A redis-server process of the test's own, on a free port, that can be SIGKILLed and restarted."""
-
-    def __init__(self, workdir: Path, persistent: bool = False) -> None:
-        self.port = free_port()
-        self.dir = workdir
-        self.persistent = persistent
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
-        args += ["--save", "", "--daemonize", "no", "--protected-mode", "no"]
-        if self.persistent:  # every write fsynced before it is acknowledged: a SIGKILL loses nothing
-            args += ["--appendonly", "yes", "--appendfsync", "always"]
-        else:
-            args += ["--appendonly", "no"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: self.client().ping(), timeout=20, what="redis-server", interval=0.05)
-        return self
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.kill()
-
-
-def ready_redis(predicate: Any) -> Any:
-    try:
-        return predicate()
-    except redis.RedisError:
-        return False
 
 
 @pytest.fixture
@@ -194,7 +151,7 @@ def test_service_killed_mid_request_leaves_the_previous_state_and_the_lease_expi
     with ServerProcess(tiny_artifact, **env) as victim:
         sid = new_session(client, victim.url, PROMPT)
         first = generate(client, victim.url, session_id=sid, max_new_chars=30, temperature=0)["text"]
-        saved = r.hget(f"{prefix}session:{sid}", "state")
+        saved = r.hget(KeyLayout(prefix).session(sid), "state")
         assert saved is not None
         body = dict(session_id=sid, max_new_chars=LONG, stream=True, temperature=0)
         with client.stream("POST", victim.url + "/v1/generate", json=body) as response:
@@ -208,12 +165,12 @@ def test_service_killed_mid_request_leaves_the_previous_state_and_the_lease_expi
                 list(events)
         victim.proc = None
     # exactly the bytes saved before the request: no torn or partial write, and it still decodes
-    assert r.hget(f"{prefix}session:{sid}", "state") == saved
+    assert r.hget(KeyLayout(prefix).session(sid), "state") == saved
     decode_state(saved, model.fingerprint, model.layers, model.hidden, len(model.vocab))
     assert describe_state(saved)[1] == len(PROMPT) + 30
     # the dead process's lease is still there, and expires by itself
-    assert r.exists(f"{prefix}lease:{sid}") == 1
-    wait_until(lambda: r.exists(f"{prefix}lease:{sid}") == 0, timeout=10, what="the lease to expire")
+    assert r.exists(KeyLayout(prefix).lease(sid)) == 1
+    wait_until(lambda: r.exists(KeyLayout(prefix).lease(sid)) == 0, timeout=10, what="the lease to expire")
     with ServerThread(model=str(tiny_artifact), **env) as successor:
         rest = generate(client, successor.url, session_id=sid, max_new_chars=40, temperature=0)["text"]
         ref = new_session(client, successor.url, PROMPT)
@@ -278,6 +235,6 @@ def test_sigterm_drains_running_streams_saves_their_sessions_and_exits_0(
     long = results["long"]
     assert long[-1] == "[DONE]" and long[-2]["error"]["code"] == "interrupted", long[-2:]
     r = redis_server.client()
-    assert describe_state(r.hget(f"d:session:{long_sid}", "state"))[1] == len(PROMPT) + len(text_of(long))
-    assert describe_state(r.hget(f"d:session:{short_sid}", "state"))[1] == len(PROMPT) + short_chars
+    assert describe_state(r.hget(KeyLayout("d:").session(long_sid), "state"))[1] == len(PROMPT) + len(text_of(long))
+    assert describe_state(r.hget(KeyLayout("d:").session(short_sid), "state"))[1] == len(PROMPT) + short_chars
     assert r.keys("d:lease:*") == []  # every lease released

@@ -17,6 +17,7 @@ import redis
 from pytest_redis.executor import RedisExecutor
 
 from service.auth import ApiKeys
+from service.state_store.layout import KeyLayout
 from tests.service_support import CHARGEN, ServerThread, free_port, sse_data, wait_until
 
 ALICE = "sk-alice-" + secrets.token_hex(16)
@@ -115,9 +116,9 @@ def test_a_session_belongs_to_its_key_and_is_invisible_to_others(
     assert client.get(f"{server.url}/v1/sessions/{fork}", headers=bearer(BOB)).status_code == 404
     # Redis holds an owner id, never the key or its plain digest
     r = redis.Redis(host=redis_proc.host, port=redis_proc.port)
-    record = r.hgetall(f"auth:session:{sid}")
+    record = r.hgetall(KeyLayout("auth:").session(sid))
     owner = record[b"owner"].decode()
-    assert owner == r.hget(f"auth:session:{fork}", "owner").decode()
+    assert owner == r.hget(KeyLayout("auth:").session(fork), "owner").decode()
     dump = b"".join(k + v for k, v in record.items())
     assert ALICE.encode() not in dump and hashlib.sha256(ALICE.encode()).hexdigest().encode() not in dump
     assert owner == ApiKeys(ALICE).owner_of(ALICE) and ApiKeys(ALICE).owner_of(BOB) is None

@@ -15,6 +15,7 @@ import pytest
 import redis
 from pytest_redis.executor import RedisExecutor
 
+from service.state_store.layout import KeyLayout
 from tests.service_support import ServerThread, new_session
 
 JSON = {"content-type": "application/json"}
@@ -133,11 +134,12 @@ def test_nothing_from_a_client_reaches_redis_as_a_command_or_key(
     stop.set()
     log = "\n".join(seen)
     assert real in log
-    assert f"hostile:session:{real}" in log
+    keys = KeyLayout("hostile:")
+    assert keys.session(real) in log
     arguments = {token for line in seen for token in line.split(" ")}
     for sid in hostile_ids:
         shown = sid.replace("\r", "\\r").replace("\n", "\\n")  # how MONITOR prints them
         assert shown not in arguments, sid
-        assert f"session:{shown}" not in log and f"lease:{shown}" not in log, sid
+        assert keys.session(shown) not in log and keys.lease(shown) not in log, sid
     assert not any(line.upper().startswith("FLUSHALL") for line in seen)
-    assert redis.Redis(host=redis_proc.host, port=redis_proc.port).exists(f"hostile:session:{real}") == 1
+    assert redis.Redis(host=redis_proc.host, port=redis_proc.port).exists(keys.session(real)) == 1

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.conftest import tiny_config
 from training.config import ConfigError, TrainConfig, load_config
@@ -107,3 +109,60 @@ def test_config_from_toml_with_overrides(tmp_path: Path) -> None:
 def test_shipped_configs_load(name: str) -> None:
     config = load_config(Path(__file__).parent.parent / "configs" / name)
     assert config.corpus == "tinyshakespeare"
+
+
+def test_weight_decay_applies_to_the_weight_matrices_only(corpus_file: Path, tmp_path: Path) -> None:
+    """Biases (the forget gate's starts at 1) and the diagonal peepholes are not decayed: the groups
+    are chosen by what a parameter is, not by its rank (here bias is [L, 4H], peephole [L, 3, H])."""
+    train(tiny_config(corpus_file, tmp_path, max_steps=2, eval_interval=2, weight_decay=0.01), progress_tty=False)
+    checkpoint = load_checkpoint(tmp_path / "last.pt")
+    from training.export import model_from_checkpoint
+
+    shapes = {tuple(p.shape): name for name, p in model_from_checkpoint(checkpoint).named_parameters()}
+    assert len(shapes) == 7  # every parameter of the tiny model has its own shape: a shape names it
+    state = checkpoint["optimizer"]["state"]
+    groups = [
+        (g["weight_decay"], sorted(shapes[tuple(state[i]["exp_avg"].shape)] for i in g["params"]))
+        for g in checkpoint["optimizer"]["param_groups"]
+    ]
+    assert groups == [
+        (0.01, ["input_proj.weight", "output.weight", "w_below", "w_h"]),
+        (0.0, ["bias", "output.bias", "peephole"]),
+    ]
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value into Python (float(t), t.item(): a device sync on CUDA),
+    outside the optimizer's step (AdamW reads its own step counter, a CPU tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.in_optimizer = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten._local_scalar_dense.default and not self.in_optimizer:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_loop_reads_values_to_the_host_only_at_log_and_eval_steps(corpus_file: Path, tmp_path: Path) -> None:
+    reads = HostReads()
+    reads_by: dict[int, int] = {}  # step -> reads so far, when the loop asks should_stop(step)
+
+    def after_step(step: int) -> bool:
+        reads_by[step] = reads.count
+        return False
+
+    before = register_optimizer_step_pre_hook(lambda *a: setattr(reads, "in_optimizer", True))
+    after = register_optimizer_step_post_hook(lambda *a: setattr(reads, "in_optimizer", False))
+    try:
+        with reads:
+            config = tiny_config(corpus_file, tmp_path, max_steps=30, log_interval=10, eval_interval=15)
+            train(config, should_stop=after_step, progress_tty=False)
+    finally:
+        before.remove()
+        after.remove()
+    # Step 1 also counts the set-up; the last step (30) is not followed by should_stop.
+    steps_with_reads = [s for s in range(2, 30) if reads_by[s] > reads_by[s - 1]]
+    assert steps_with_reads == [10, 15, 20]  # the log steps 10, 20 and the evaluation at 15

@@ -29,7 +29,7 @@ class TrainConfig:
     learning_rate: float = 2e-3  # peak learning rate, reached after warm-up
     min_lr: float = 1e-4  # learning rate at the end of the cosine decay
     warmup_steps: int = 100  # linear warm-up from 0 to learning_rate
-    weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices
+    weight_decay: float = 0.0  # AdamW decoupled weight decay of the weight matrices (not biases, peepholes)
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
     # evaluation and checkpoints
     eval_interval: int = 250  # steps between evaluations on the whole validation split
@@ -38,6 +38,7 @@ class TrainConfig:
     # run
     seed: int = 1337  # seeds parameters, dropout and stream offsets: same seed, same run on CPU
     device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", ...
+    compile: str = "auto"  # torch.compile the LSTM cell: "auto" (on CUDA only), "yes", "no"
 
     def validate(self) -> None:
         positive = ["layers", "hidden", "batch_size", "seq_len", "max_steps", "eval_interval", "log_interval"]
@@ -50,12 +51,15 @@ class TrainConfig:
             raise ConfigError("need 0 <= min_lr <= learning_rate and learning_rate > 0")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.early_stop_patience < 0:
             raise ConfigError("warmup_steps, grad_clip and early_stop_patience must be >= 0")
+        if self.compile not in ("auto", "yes", "no"):
+            raise ConfigError(f"compile must be auto, yes or no, got {self.compile!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    # Fields that may differ between a run and its resumption without changing the result.
-    RESUMABLE_CHANGES = ("device", "out")
+    # Fields that may differ between a run and its resumption without changing the result (beyond
+    # float rounding: a run resumes bit for bit only on the same device, with the same compile).
+    RESUMABLE_CHANGES = ("device", "out", "compile")
 
     def mismatches(self, saved: dict[str, Any]) -> list[str]:
         """Names of the fields whose values differ from a saved run's configuration."""

@@ -73,9 +73,12 @@ def fetch_tinyshakespeare(directory: Path | None = None) -> Path:
     if sha256_of(data) != TINY_SHAKESPEARE["sha256"]:
         raise CorpusError("downloaded Tiny Shakespeare does not match its sha256; not using it")
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # one per process: a shared cache is safe
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -89,6 +92,9 @@ def load_corpus(spec: str) -> Corpus:
             raise CorpusError(f"corpus file not found: {spec}")
     data = path.read_bytes()
     digest = sha256_of(data)
+    if spec == TINY_SHAKESPEARE["name"] and digest != TINY_SHAKESPEARE["sha256"]:
+        # These bytes, not the ones the fetcher checked, are what gets trained on.
+        raise CorpusError(f"{path} no longer matches Tiny Shakespeare's sha256 (changed since it was fetched)")
     # The standard file under another name is still the standard corpus.
     name = TINY_SHAKESPEARE["name"] if digest == TINY_SHAKESPEARE["sha256"] else path.name
     text = decode_utf8(data, str(path))

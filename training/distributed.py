@@ -2,6 +2,11 @@
 
 Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op for one process,
 so the training loop reads the same either way.
+
+Gradients are averaged by DistributedDataParallel over NCCL on CUDA (gloo on CPU). The loop's own
+collectives (a few numbers at log time, the stop flag every step, the state gathered into a
+checkpoint) carry host values, so under NCCL they go over a second, gloo group of CPU tensors:
+they wait for the other processes, never for the GPU's queue.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,7 +25,8 @@ from torch import Tensor
 class Dist:
     rank: int = 0  # this process among all of them
     world: int = 1  # number of processes
-    local_rank: int = 0  # this process on its node: picks the GPU
+    local_rank: int = 0  # this process on its node: picks the GPU, and who downloads for the node
+    group: Any = None  # the gloo group of the host-side collectives (None: the default group)
 
     @property
     def enabled(self) -> bool:
@@ -34,8 +41,8 @@ class Dist:
         """Element-wise sum of a few numbers over all ranks."""
         if not self.enabled:
             return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
         return t.tolist()
 
     def any(self, flag: bool) -> bool:
@@ -43,33 +50,33 @@ class Dist:
         return bool(self.sum([float(flag)])[0]) if self.enabled else flag
 
     def gather_rows(self, t: Tensor, dim: int) -> Tensor:
-        """Concatenate every rank's tensor along `dim`, in rank order (same on every rank)."""
+        """Concatenate every rank's tensor along `dim`, in rank order (same on every rank), on CPU."""
+        t = t.detach().cpu().contiguous()
         if not self.enabled:
             return t
         parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t.contiguous())
+        dist.all_gather(parts, t, group=self.group)
         return torch.cat(parts, dim=dim)
 
-    @property
-    def device(self) -> torch.device:
-        # gloo reduces CPU tensors; nccl needs CUDA ones.
-        if dist.is_initialized() and dist.get_backend() == "nccl":
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
 
-
-def setup() -> Dist:
-    """Join the process group torchrun describes in the environment, if any."""
+def torchrun_ranks() -> Dist:
+    """This process's place among torchrun's (RANK, WORLD_SIZE, LOCAL_RANK); joins nothing yet."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
-    return Dist(rank=rank, world=world, local_rank=local_rank)
+    return Dist(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup(ddp: Dist, device: torch.device) -> None:
+    """Join the process group torchrun describes, if any: NCCL for a CUDA device, gloo for CPU."""
+    if not ddp.enabled or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        ddp.group = dist.new_group(backend="gloo")
+    else:
+        dist.init_process_group(backend="gloo")
 
 
 def teardown(finished: bool = True) -> None:

@@ -6,7 +6,6 @@ The artifact holds the scripted CharLSTM (forward, step, init_state, inspect) an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from datetime import UTC, datetime
@@ -17,17 +16,12 @@ import torch
 
 from chargen.artifact import ARTIFACT_FORMAT, ARTIFACT_METHODS, jit_deprecation_accepted
 from training.model import CharLSTM, ModelConfig, count_parameters
-from training.train import LN2, atomic_write_bytes, load_checkpoint
+from training.train import LN2, atomic_write_bytes, load_checkpoint, weights_fingerprint
 
 
 def fingerprint(model: torch.nn.Module) -> str:
     """sha256 over every parameter's name, shape and bytes: identifies these exact weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.numpy().tobytes())
-    return "sha256:" + digest.hexdigest()
+    return weights_fingerprint(model.state_dict())
 
 
 def script(model: CharLSTM) -> torch.jit.ScriptModule:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.fast_layer import peephole_layer
+
 
 @dataclass
 class ModelConfig:
@@ -94,8 +96,9 @@ class CharLSTM(nn.Module):
         self.dropout = config.dropout
         # x_t is one-hot, so W_x x_t is a row lookup; one table holds every layer's rows.
         self.input_proj = nn.Embedding(V, L * 4 * H)
-        # Layer n > 0 also sees h^{n-1}: W_below[n-1] maps it to that layer's four gates.
-        self.w_below = nn.Parameter(torch.empty(max(L - 1, 1), H, 4 * H))
+        # Layer n > 0 also sees h^{n-1}: W_below[n-1] maps it to that layer's four gates. With one
+        # layer it is empty and takes no gradient (DDP fails on a parameter that never gets one).
+        self.w_below = nn.Parameter(torch.empty(L - 1, H, 4 * H), requires_grad=L > 1)
         self.w_h = nn.Parameter(torch.empty(L, H, 4 * H))  # recurrent weights
         self.bias = nn.Parameter(torch.zeros(L, 4 * H))
         self.peephole = nn.Parameter(torch.zeros(L, 3, H))  # w_ci, w_cf, w_co per layer
@@ -123,16 +126,24 @@ class CharLSTM(nn.Module):
     def forward(self, tokens: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """tokens [B, T] int64, h and c [L, B, H] -> logits [B, T, V], new h, new c."""
         L, H = self.layers, self.hidden
-        x_all = self.input_proj(tokens.t())  # [T, B, L*4H]: every layer's share of W_x x_t
-        below = x_all.new_zeros(0)  # h of the layer below, [T, B, H] once layer 0 has run
+        tokens = tokens.t()  # [T, B]
+        w_x = self.input_proj.weight  # [V, L*4H]: every layer's columns of W_x
+        below = w_x.new_zeros(0)  # h of the layer below, [T, B, H] once layer 0 has run
         layer_outputs: list[Tensor] = []
         new_h: list[Tensor] = []
         new_c: list[Tensor] = []
         for n in range(L):
-            x_proj = x_all[:, :, n * 4 * H : (n + 1) * 4 * H] + self.bias[n]
+            # W_x x_t + b for layer n, [T, B, 4H]: one lookup per layer in the table of W_x's rows
+            # plus the bias (the same sums as adding b after the lookup, on [V, 4H] instead of
+            # [T, B, 4H]); slicing one [T, B, L*4H] lookup per layer would make backward zero-fill
+            # a gradient of that full size for every layer.
+            x_proj = F.embedding(tokens, w_x[:, n * 4 * H : (n + 1) * 4 * H] + self.bias[n])
             if n > 0:
                 x_proj = x_proj + torch.matmul(below, self.w_below[n - 1])
-            hs, h_n, c_n = peephole_lstm_layer(x_proj, h[n], c[n], self.w_h[n], self.peephole[n])
+            if torch.jit.is_scripting():  # the artifact: autograd-free serving and evaluation
+                hs, h_n, c_n = peephole_lstm_layer(x_proj, h[n], c[n], self.w_h[n], self.peephole[n])
+            else:  # eager, as the trainer runs it: the same layer with a hand-written backward
+                hs, h_n, c_n = peephole_layer(x_proj, h[n], c[n], self.w_h[n], self.peephole[n])
             new_h.append(h_n)
             new_c.append(c_n)
             hs = F.dropout(hs, self.dropout, self.training)

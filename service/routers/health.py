@@ -34,16 +34,21 @@ async def readyz(request: Request) -> JSONResponse:
     store = getattr(state, "store", None)
     checks["model"] = "ok" if model is not None else "not loaded"
     checks["engine"] = "ok" if engine is not None and engine.alive else "not running"
+    degraded: dict[str, str] = {}
     if store is None:
         checks["store"] = "not connected"
     else:
         try:
-            await asyncio.wait_for(store.ping(), timeout=state.settings.redis_timeout_s + 1)
+            note = await asyncio.wait_for(store.ping(), timeout=state.settings.redis_timeout_s + 1)
             checks["store"] = "ok"
+            if note:  # a Redis Cluster shard failing over: still ready, the other shards serve
+                degraded["store"] = note
         except (StoreUnavailable, TimeoutError) as err:
             checks["store"] = f"unavailable: {err or 'timeout'}"
     failing = [f"{name}: {value}" for name, value in checks.items() if value != "ok"]
     body: dict[str, Any] = {"status": "ready" if not failing else "not ready", "checks": checks}
+    if degraded:
+        body["degraded"] = degraded
     if failing:
         body["reason"] = "; ".join(failing)
     if engine is not None:

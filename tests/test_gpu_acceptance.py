@@ -1,0 +1,31 @@
+"""benchmarks/gpu_acceptance.py --smoke: the GPU acceptance run's code path, on CPU with a tiny config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_acceptance_run_passes_on_cpu_in_smoke_mode(tmp_path: Path) -> None:
+    out = tmp_path / "acceptance"
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_acceptance.py"), "--smoke", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    assert f"PASSED: {out / 'acceptance.json'}" in done.stdout
+    summary = json.loads((out / "acceptance.json").read_text())
+    assert summary["checks"] == {"artifact_matches": True, "ranks_equal": True, "validation_finite": True}
+    assert summary["train"]["steps"] == 40 and summary["validation"]["checkpoint_step"] == 40
+    assert set(summary["speed"]) == {"torch.nn.LSTM", "chargen"}
+    assert summary["speed"]["torch.nn.LSTM"]["x_nn_lstm"] == 1.0
+    ddp = summary["ddp"]
+    assert (ddp["ran"], ddp["ok"], ddp["world"], ddp["steps"]) == (True, True, 2, 10)
+    assert len(set(ddp["rank_fingerprints"])) == 1
+    artifact = summary["artifact"]
+    assert artifact["loaded_without_chargen"] and artifact["max_abs_logit_diff_fp32"] <= artifact["logit_tolerance"]
+    assert abs(artifact["sample_nats_cpu_artifact"] - artifact["sample_nats_gpu_model"]) < 1e-5
+    assert (out / "train" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / "model.pt").is_file()
+    assert not list(tmp_path.glob("*.pt"))  # nothing left where it ran
