@@ -25,6 +25,7 @@ FROM base AS wheel
 WORKDIR /src
 # README.md is the distribution's long description (pyproject `readme`), so the build needs it.
 COPY pyproject.toml README.md ./
+COPY chargen ./chargen
 COPY training ./training
 COPY service ./service
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
@@ -91,7 +92,7 @@ RUN groupadd --system --gid 10001 chargen \
     && chown chargen:chargen /models
 COPY --from=runtime-venv /opt/venv /opt/venv
 WORKDIR /app
-COPY models/shakespeare.pt ./models/shakespeare.pt
+COPY chargen/models/shakespeare.pt ./models/shakespeare.pt
 # Settings are read from CHARGEN_* variables at start (see docs/deployment.md); these are the image's
 # defaults, each overridable with `docker run -e` or compose `environment:`.
 ENV PATH=/opt/venv/bin:$PATH \

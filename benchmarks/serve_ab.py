@@ -42,7 +42,7 @@ def settings(pairs: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "shakespeare.pt")
+    parser.add_argument("--model", type=Path, default=ROOT / "chargen" / "models" / "shakespeare.pt")
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams per burst")
     parser.add_argument("--chars", type=int, default=500, help="characters each stream generates")
     parser.add_argument("--pairs", type=int, default=10, help="A/B pairs of bursts")

@@ -22,7 +22,7 @@ One run does these, all with the same torch intra-op thread setting (the service
 Then the ratios against the targets of issue 4. Characters that arrive in one SSE event count as
 arriving together (a gap of 0 for all but the first).
 
-    python benchmarks/serve_throughput.py                          # models/shakespeare.pt, 1,8,32,64
+    python benchmarks/serve_throughput.py                          # chargen/models/shakespeare.pt, 1,8,32,64
     python benchmarks/serve_throughput.py --model runs/x/model.pt --chars 200 --levels 1,8
     python benchmarks/serve_throughput.py --json out.json          # also write the figures as JSON
 """
@@ -153,16 +153,19 @@ class Redis:
 
 
 class Service:
-    """`chargen serve` in a subprocess, configured through CHARGEN_* variables."""
+    """The service in a subprocess, configured through CHARGEN_* variables.
+
+    It runs `python -m service.main`, which is what `chargen serve` calls (`service.main.run`)
+    without the command-line layer, so the service package first on PYTHONPATH is the one
+    measured, whatever the age of that tree (`serve_ab.py --a-src`).
+    """
 
     def __init__(self, model: Path, env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        chargen = shutil.which("chargen", path=str(Path(sys.executable).parent)) or shutil.which("chargen")
-        if chargen is None:
-            raise SystemExit("serve_throughput: the `chargen` command is not installed (pip install -e .)")
-        self.cmd = [chargen, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--model", str(model)]
-        self.env = {**os.environ, "CHARGEN_LOG_LEVEL": "warning", **env}
+        self.cmd = [sys.executable, "-m", "service.main"]
+        where = {"CHARGEN_HOST": "127.0.0.1", "CHARGEN_PORT": str(self.port), "CHARGEN_MODEL": str(model)}
+        self.env = {**os.environ, "CHARGEN_LOG_LEVEL": "warning", **where, **env}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Service:
@@ -174,14 +177,14 @@ class Service:
         while True:
             if self.proc.poll() is not None:
                 self.log.seek(0)
-                raise SystemExit(f"serve_throughput: chargen serve exited:\n{self.log.read().decode()[-2000:]}")
+                raise SystemExit(f"serve_throughput: the service exited:\n{self.log.read().decode()[-2000:]}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise SystemExit("serve_throughput: chargen serve did not become ready")
+                raise SystemExit("serve_throughput: the service did not become ready")
             time.sleep(0.2)
 
     def __exit__(self, *exc: object) -> None:
@@ -494,7 +497,7 @@ def verdict(ok: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "shakespeare.pt")
+    parser.add_argument("--model", type=Path, default=ROOT / "chargen" / "models" / "shakespeare.pt")
     parser.add_argument("--chars", type=int, default=500, help="characters each stream generates")
     parser.add_argument("--levels", default="1,8,32,64", help="concurrent streams, comma-separated")
     parser.add_argument("--prompt", default=PROMPT, help="prompt every stream sends")

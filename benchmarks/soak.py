@@ -6,7 +6,7 @@ few seconds, then stops the service with SIGTERM (it must drain and exit 0) and 
 requests/s, failures, p50/p95/p99 response times (a streamed request's time is the whole stream),
 5xx answers seen by the service, and RSS after the first minute vs at the end.
 
-    python benchmarks/soak.py                                   # 64 users, 5 minutes, models/shakespeare.pt
+    python benchmarks/soak.py                                   # 64 users, 5 minutes, chargen/models/shakespeare.pt
     python benchmarks/soak.py --duration 60 --json /tmp/soak.json
 
 Exits 1 if any request failed, the service answered a 5xx, its RSS at the end is more than
@@ -74,8 +74,8 @@ def server_5xx(metrics_text: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--locustfile", default=str(ROOT / "locustfile.py"), help="locustfile to run (issue 4's)")
-    parser.add_argument("--model", default=str(ROOT / "models" / "shakespeare.pt"))
+    parser.add_argument("--locustfile", default=str(ROOT / "locustfile.py"), help="locustfile to run (the load test's)")
+    parser.add_argument("--model", default=str(ROOT / "chargen" / "models" / "shakespeare.pt"))
     parser.add_argument("--users", type=int, default=64)
     parser.add_argument("--spawn-rate", type=float, default=16)
     parser.add_argument("--duration", type=int, default=300, help="seconds")

@@ -1,9 +1,7 @@
-"""Loading the trainer's TorchScript artifact: the only contract between training and serving."""
+"""The loaded artifact as the service uses it (chargen/artifact.py reads and checks the file)."""
 
 from __future__ import annotations
 
-import json
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -11,11 +9,7 @@ from typing import Any
 
 import torch
 
-ARTIFACT_FORMAT = "chargen-lstm/1"
-
-
-class ModelLoadError(ValueError):
-    """The file cannot be served: missing, not TorchScript, or not a chargen-lstm/1 model."""
+from chargen.artifact import read_artifact
 
 
 @dataclass
@@ -68,32 +62,6 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, model_id: str | None = None) -> LoadedModel:
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}")
-    extra = {"meta.json": ""}
-    try:
-        with warnings.catch_warnings():  # torch.jit is deprecated; the artifact format is ours
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except (RuntimeError, ValueError, OSError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ModelLoadError(f"{path} is not a TorchScript model ({first})") from None
-    try:
-        meta = json.loads(extra["meta.json"] or "null")
-    except json.JSONDecodeError:
-        meta = None
-    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise ModelLoadError(f"{path} is not a {ARTIFACT_FORMAT} model (meta.json format: {found!r})")
-    vocab = meta.get("vocab")
-    if not isinstance(vocab, list) or not vocab or not all(isinstance(ch, str) and len(ch) == 1 for ch in vocab):
-        raise ModelLoadError(f"{path}: meta.json vocab must be a list of single characters")
-    for key in ("layers", "hidden", "fingerprint"):
-        if key not in meta:
-            raise ModelLoadError(f"{path}: meta.json has no {key!r}")
-    for name in ("step", "forward", "init_state"):
-        if not hasattr(module, name):
-            raise ModelLoadError(f"{path}: the model has no {name}() method")
-    module.eval()
-    return LoadedModel(module=module, meta=meta, model_id=model_id or path.stem, vocab=vocab)
+    """The artifact at ``path``, its id ``model_id`` or the file's stem; raises ArtifactError."""
+    module, meta = read_artifact(path)
+    return LoadedModel(module=module, meta=meta, model_id=model_id or Path(path).stem, vocab=meta["vocab"])

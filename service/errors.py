@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.problems import Problem
+
 log = logging.getLogger("chargen.service")
 
 ERROR_TYPES = {
@@ -29,6 +31,29 @@ ERROR_TYPES = {
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
+}
+
+
+# The status of each Problem code (service/problems.py) the generation and session code raise.
+STATUS_OF_PROBLEM = {
+    "prompt_too_long": 400,
+    "unknown_characters": 400,
+    "too_many_chars": 400,
+    "too_many_stop_strings": 400,
+    "empty_stop_string": 400,
+    "stop_string_too_long": 400,
+    "session_not_found": 404,
+    "session_busy": 409,
+    "model_mismatch": 409,
+    "invalid_session_state": 409,
+    "lease_lost": 409,
+    "capacity": 429,
+    "key_stream_limit": 429,
+    "engine_error": 500,
+    "store_unavailable": 503,
+    "draining": 503,
+    "engine_stopped": 503,
+    "interrupted": 503,
 }
 
 
@@ -50,6 +75,11 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.param, self.code)
+
+    @classmethod
+    def of(cls, problem: Problem) -> ApiError:
+        headers = None if problem.retry_after_s is None else {"Retry-After": str(problem.retry_after_s)}
+        return cls(STATUS_OF_PROBLEM[problem.code], problem.message, problem.param, problem.code, headers)
 
 
 def _printable(text: str | None) -> str | None:
@@ -118,6 +148,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, err: ApiError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(Problem)
+    async def on_problem(request: Request, problem: Problem) -> JSONResponse:
+        return await on_api_error(request, ApiError.of(problem))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, err: RequestValidationError) -> JSONResponse:

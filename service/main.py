@@ -19,9 +19,10 @@ import uvicorn
 from fastapi import Depends, FastAPI
 from pydantic import ValidationError
 
-from service.artifact import LoadedModel, ModelLoadError, load_model
+from chargen.artifact import ArtifactError
+from service.artifact import LoadedModel, load_model
 from service.auth import ApiKeys, require_key
-from service.engine import Engine
+from service.engine import Engine, EngineConfig
 from service.errors import ERROR_RESPONSES, install_error_handlers
 from service.generation import Generations
 from service.metrics import Metrics
@@ -31,6 +32,8 @@ from service.settings import Settings
 from service.state_store import SessionStore, StoreUnavailable, open_store
 
 log = logging.getLogger("chargen.service")
+
+API_PREFIX = "/v1"  # every API route's prefix, given here once (the routers' paths omit it)
 
 
 def configure_torch(settings: Settings) -> None:
@@ -42,6 +45,22 @@ def configure_torch(settings: Settings) -> None:
     # With Python's default 5 ms switch interval it waited behind a busy event loop for up to
     # 5 ms per step: a 5 ms step ran at a quarter of its speed beside a thread running Python.
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        max_streams=settings.max_streams,
+        max_queue=settings.max_queue,
+        max_batch=settings.max_batch,
+        step_min_rows=settings.step_min_rows,
+        prefill_chunk=settings.prefill_chunk,
+        step_prefill_chars=settings.step_prefill_chars,
+        decode_steps=settings.decode_steps,
+        multi_step_rows=settings.multi_step_rows,
+        stream_window=settings.stream_window,
+        flush_interval_s=settings.flush_interval_ms / 1000,
+        torch_threads=settings.torch_threads,
+    )
 
 
 async def sweep_expired(store: SessionStore, metrics: Metrics, interval_s: float) -> None:
@@ -65,20 +84,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = model or await asyncio.to_thread(load_model, settings.model_path, settings.model_id)
         configure_torch(settings)
-        engine = Engine(
-            loaded,
-            metrics,
-            max_streams=settings.max_streams,
-            max_queue=settings.max_queue,
-            max_batch=settings.max_batch,
-            step_min_rows=settings.step_min_rows,
-            prefill_chunk=settings.prefill_chunk,
-            step_prefill_chars=settings.step_prefill_chars,
-            decode_steps=settings.decode_steps,
-            stream_window=settings.stream_window,
-            flush_interval_s=settings.flush_interval_ms / 1000,
-            torch_threads=settings.torch_threads,
-        )
+        engine = Engine(loaded, metrics, engine_config(settings))
         await asyncio.to_thread(engine.start, asyncio.get_running_loop())
         store = open_store(settings)
         try:
@@ -122,10 +128,9 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     # they can give, declared for the OpenAPI document. Health, metrics and the playground page
     # stay open: probes and the page itself need no key (the page's API calls send one).
     protected = [Depends(require_key)]
-    for router in (generate.router, completions.router, models.router, sessions.router):
-        app.include_router(router, dependencies=protected, responses=ERROR_RESPONSES)
-    app.include_router(health.router)
-    app.include_router(inspect.router, dependencies=protected, responses=ERROR_RESPONSES)  # the LSTM inspector
+    for router in (generate.router, completions.router, models.router, sessions.router, inspect.router):
+        app.include_router(router, prefix=API_PREFIX, dependencies=protected, responses=ERROR_RESPONSES)
+    app.include_router(health.router)  # /healthz, /readyz, /metrics: where probes and scrapers look
     app.include_router(playground.router)  # GET /: the playground page
     playground.mount_static(app)
     app.openapi = lambda: accurate_openapi(app)  # type: ignore[method-assign]
@@ -215,7 +220,7 @@ def run(host: str | None = None, port: int | None = None, model: str | None = No
         return 2
     try:
         loaded = load_model(settings.model_path, settings.model_id)
-    except ModelLoadError as err:
+    except ArtifactError as err:
         print(f"chargen: error: {err}", file=sys.stderr)
         return 2
     app = create_app(settings, loaded)

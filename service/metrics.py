@@ -19,7 +19,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        # issue 3: the service
+        # HTTP requests, characters and sessions
         self.requests = Counter(
             "chargen_http_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r
         )
@@ -39,7 +39,7 @@ class Metrics:
         self.active_streams = Gauge("chargen_active_streams", "generation requests in progress", registry=r)
         self.sessions_created = Counter("chargen_sessions_created", "sessions created (incl. forks)", registry=r)
         self.sessions_expired = Counter("chargen_sessions_expired", "sessions whose TTL ran out", registry=r)
-        # issue 4: the batching engine
+        # the batching engine
         self.batch_size = EngineHistogram(
             "chargen_engine_batch_size", "rows per model step", buckets=BATCH_BUCKETS, registry=r
         )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body
@@ -65,30 +67,70 @@ class BodyLimitMiddleware:
 
 
 class RequestMetricsMiddleware:
-    """Counts requests by method, route template (not the raw path: ids stay out of labels) and status."""
+    """Counts requests by method, route template (not the raw path: ids stay out of labels) and status.
+
+    A client that goes away before its response is complete is counted as 499 (nginx's "client
+    closed request"), on the route it asked for, so that 5xx means the server failed.
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._templates: list[tuple[str, set[str], re.Pattern[str]]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         status = 500
+        complete = left = False
+
+        async def watch_receive() -> Message:
+            nonlocal left
+            message = await receive()
+            if message["type"] == "http.disconnect" and not complete:
+                left = True
+            return message
 
         async def capture(message: Message) -> None:
-            nonlocal status
+            nonlocal status, complete, left
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            try:
+                await send(message)
+            except OSError:  # the server's way (ASGI 2.4) of saying the client is gone
+                left = True
+                raise
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
 
         try:
-            await self.app(scope, receive, capture)
+            await self.app(scope, watch_receive, capture)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(scope["method"], template, str(status)).inc()
+            shown = "499" if left else str(status)  # left before the response was complete
+            self.metrics.requests.labels(scope["method"], self.route_template(scope), shown).inc()
+
+    def route_template(self, scope: Scope) -> str:
+        """The path template of the request's route, "unmatched" for none.
+
+        The route the router chose names it when its own template is the whole path. A route
+        included under a prefix (the API's /v1) knows only its path within its router, and when
+        routing never ran (the body was refused, the client left first) there is no route at all:
+        then it is the documented template that the method and path match.
+        """
+        route = scope.get("route")
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(scope["path"]):
+            return route.path  # type: ignore[no-any-return, union-attr]
+        if self._templates is None:  # once, on the first request that needs it
+            paths = scope["app"].openapi().get("paths", {})
+            self._templates = [
+                (template, {m.upper() for m in item}, compile_path(template)[0]) for template, item in paths.items()
+            ]
+        for template, methods, pattern in self._templates:
+            if scope["method"] in methods and pattern.match(scope["path"]):
+                return template
+        return "unmatched"
 
 
 class DrainingReadinessMiddleware:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import random
 import secrets
-import warnings
 from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
@@ -19,6 +18,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from chargen.artifact import jit_deprecation_accepted
 
 
 @dataclass(frozen=True)
@@ -191,8 +192,7 @@ class StepSampler(nn.Module):
 
 
 def _script(obj: Any) -> Any:
-    with warnings.catch_warnings():  # torch.jit is deprecated; the artifact is TorchScript all the same
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    with jit_deprecation_accepted():  # the artifact is TorchScript, so its sampler is too
         return torch.jit.script(obj)
 
 

@@ -8,31 +8,16 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chargen.artifact import BUNDLED_MODEL
 from service.state_store.layout import check_prefix
 from service.state_store.target import check_url, read_password_file
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = "models/shakespeare.pt"
-
-
-def resolve_model_path(value: str) -> Path:
-    """A relative path is tried from the working directory, then from the project root.
-
-    So `chargen serve` finds the bundled model from the repository root and from anywhere else
-    after an editable install.
-    """
-    path = Path(value).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    bundled = PROJECT_ROOT / path
-    return bundled if bundled.exists() else path
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHARGEN_", extra="ignore")
 
     # what to serve and where
-    model: str = Field(DEFAULT_MODEL, description="TorchScript artifact to serve")
+    model: str | None = Field(None, description="TorchScript artifact to serve (default: the bundled model)")
     model_id: str | None = Field(None, description="id shown in /v1/models (default: the file's stem)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -79,7 +64,14 @@ class Settings(BaseSettings):
         8,
         ge=1,
         le=64,
-        description="characters a batch of up to 16 rows takes per tick while no request waits (1: one per tick)",
+        description="characters a batch of up to multi_step_rows rows takes per tick while no request waits "
+        "(1: one per tick)",
+    )
+    multi_step_rows: int = Field(
+        16,
+        ge=1,
+        description="batches up to this many rows take decode_steps characters per tick: a tick of 8 steps at "
+        "16 rows is ~10 ms for the 3x256 model, which is how long a new request may wait to join",
     )
     stream_window: int = Field(128, ge=1, description="characters the engine may run ahead of what a client was sent")
     flush_interval_ms: float = Field(
@@ -89,7 +81,7 @@ class Settings(BaseSettings):
         "characters and its end go out at once)",
     )
 
-    # access and lifecycle (issue 6)
+    # access and lifecycle: API keys, per-key limits, draining, stalled clients
     api_keys: SecretStr = Field(
         SecretStr(""),
         description="comma-separated API keys, or sha256:<hex> digests of them; empty: no authentication",
@@ -144,4 +136,6 @@ class Settings(BaseSettings):
 
     @cached_property
     def model_path(self) -> Path:
-        return resolve_model_path(self.model)
+        """The artifact to serve: CHARGEN_MODEL (a relative path is from the working directory),
+        else the Shakespeare model shipped inside the package, wherever it is installed."""
+        return Path(self.model).expanduser() if self.model else BUNDLED_MODEL

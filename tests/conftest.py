@@ -15,16 +15,70 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import random
 import secrets
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import configuration as hypothesis_configuration
+from hypothesis import settings as hypothesis_settings
 
 from tests.redis_support import LocalCluster
 from training.config import TrainConfig
 from training.export import export
 from training.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Hypothesis keeps an example database and a constants cache under ./.hypothesis by default: both
+# go to a temporary directory instead (removed at the end), and no example database is kept, so
+# no run depends on what an earlier one found.
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="chargen-tests-hypothesis-")
+hypothesis_configuration.set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+hypothesis_settings.register_profile("chargen", database=None)
+hypothesis_settings.load_profile("chargen")
+
+
+def _untracked_paths() -> set[str] | None:
+    """Untracked and ignored paths of the checkout (directories collapsed), None outside git."""
+    try:
+        done = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", "--untracked-files=normal", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    entries = [e[3:] for e in done.stdout.split("\0") if e.startswith(("??", "!!"))]
+    # what running Python and pytest makes by design: bytecode, pytest's own cache
+    return {e for e in entries if "__pycache__" not in e and not e.startswith(".pytest_cache")}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_TREE_BEFORE] = _untracked_paths()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Tests must not leave files in the working tree: the run fails if they did."""
+    shutil.rmtree(_HYPOTHESIS_HOME, ignore_errors=True)
+    before = session.config.stash.get(_TREE_BEFORE, None)
+    after = _untracked_paths()
+    if before is None or after is None:
+        return
+    left = sorted(after - before)
+    if left:
+        print(f"\ntests left files in the working tree: {', '.join(left)}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_TREE_BEFORE = pytest.StashKey[set[str] | None]()
 
 WORDS = (
     "ROMEO JULIET KING QUEEN the and of to my lord what is this night thou art thee good sweet "

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,6 +154,7 @@ def export_random_model(out: Path, vocab: list[str], seed: int, layers: int = 2,
     """A randomly initialised model exported like the trainer does (another fingerprint)."""
     import torch
 
+    from chargen.artifact import jit_deprecation_accepted
     from training.export import build_meta, script
     from training.model import CharLSTM, ModelConfig
 
@@ -163,7 +163,6 @@ def export_random_model(out: Path, vocab: list[str], seed: int, layers: int = 2,
     checkpoint = {"best_val_loss": None, "config": {}, "vocab": vocab, "corpus": {"name": "random"}, "step": 0}
     meta = build_meta(model, checkpoint)
     scripted = script(model)
-    with warnings.catch_warnings():  # torch.jit's deprecation notice; the artifact format is ours
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    with jit_deprecation_accepted():
         torch.jit.save(scripted, str(out), _extra_files={"meta.json": json.dumps(meta)})
     return out

@@ -92,3 +92,19 @@ def test_fingerprint_identifies_the_weights(tiny_artifact: Path) -> None:
     with torch.no_grad():
         model.bias[0, 0] += 1e-3
     assert fingerprint(model) != meta["fingerprint"]
+
+
+def test_the_service_reads_artifacts_without_importing_the_trainer(tiny_artifact: Path, tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from service.artifact import load_model\n"
+        "from service.main import create_app\n"
+        "from service.settings import Settings\n"
+        "model = load_model(sys.argv[1])\n"
+        "create_app(Settings(model=sys.argv[1]), model)\n"
+        "print(sorted(m for m in sys.modules if m == 'training' or m.startswith('training.')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_artifact)], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert done.stdout.strip() == "[]"

@@ -38,7 +38,11 @@ def test_serve_throughput_runs_end_to_end(tiny_artifact: Path, tmp_path: Path) -
     assert "batching off" in stdout and "targets (issue 4)" in stdout
     figures = json.loads(out.read_text())
     assert [lv["streams"] for lv in figures["batched"]] == [1, 2]
-    assert all(lv["chars"] == lv["streams"] * 20 and lv["chars_per_s"] > 0 for lv in figures["batched"])
+    for lv in figures["batched"]:  # one burst per level: its characters over its duration
+        readings = lv["extra"]["ceiling_readings"]
+        assert lv["chars"] == lv["streams"] * 20
+        assert lv["chars_per_s"] == lv["chars"] / lv["seconds"]
+        assert lv["extra"]["ratio"] == lv["chars_per_s"] / ((readings[0] + readings[1]) / 2)
     assert figures["baseline"][0]["streams"] == 2 and figures["seeded_single"]["chars"] == 20
     assert set(figures["ceiling"]) == {"1", "2"}
     assert all(lv["extra"]["bursts"] == 1 and lv["extra"]["ceiling"] > 0 for lv in figures["batched"])

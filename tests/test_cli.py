@@ -31,7 +31,7 @@ TINY = [
 
 def chargen(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "training.cli", *args],
+        [sys.executable, "-m", "chargen", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -78,7 +78,7 @@ def test_sample_streams_and_is_reproducible(tiny_artifact: Path) -> None:
 
 def test_sample_writes_characters_as_they_are_sampled(tiny_artifact: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "sample", str(tiny_artifact), "--length", "100000", "--seed", "1"],
+        [sys.executable, "-m", "chargen", "sample", str(tiny_artifact), "--length", "100000", "--seed", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -116,7 +116,7 @@ def test_bad_inputs_are_one_line_and_exit_2(tiny_artifact: Path, tmp_path: Path)
 
     not_ours = tmp_path / "not-a-model.pt"
     not_ours.write_text("hello")
-    assert_usage_error(chargen("sample", str(not_ours)), "not a TorchScript chargen model")
+    assert_usage_error(chargen("sample", str(not_ours)), "not a TorchScript model")
     assert_usage_error(chargen("sample", str(tmp_path / "missing.pt")), "not found")
     assert_usage_error(chargen("sample", str(tiny_artifact), "--prompt", "Zebra€"), "'€'")
     assert_usage_error(chargen("sample", str(tiny_artifact), "--temperature", "-1"), "--temperature")
@@ -129,7 +129,7 @@ def test_bad_inputs_are_one_line_and_exit_2(tiny_artifact: Path, tmp_path: Path)
 def test_a_plain_scripted_module_is_not_our_artifact(tmp_path: Path) -> None:
     import torch
 
-    from training.export import jit_deprecation_accepted
+    from chargen.artifact import jit_deprecation_accepted
 
     path = tmp_path / "other.pt"
     with jit_deprecation_accepted():
@@ -164,7 +164,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path: Path) -> Non
     command = [
         sys.executable,
         "-m",
-        "training.cli",
+        "chargen",
         "train",
         "--corpus",
         str(corpus),

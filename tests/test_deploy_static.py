@@ -98,7 +98,7 @@ def test_runtime_image_is_the_default_target_and_serves_as_non_root() -> None:
     users = [rest for word, rest in runtime if word == "USER"]
     assert users and users[-1].split(":")[0] not in ("0", "root"), users
     assert ("EXPOSE", "8000") in runtime
-    assert any(word == "COPY" and "models/shakespeare.pt" in rest for word, rest in runtime)
+    assert any(word == "COPY" and "chargen/models/shakespeare.pt" in rest for word, rest in runtime)
     health = next(rest for word, rest in runtime if word == "HEALTHCHECK")
     assert "/healthz" in health and "urllib" in health  # slim has no curl
     assert ("CMD", '["chargen", "serve", "--host", "0.0.0.0"]') in runtime
@@ -127,14 +127,14 @@ def dockerignore_patterns() -> list[str]:
 
 
 def test_dockerignore_keeps_every_copied_path() -> None:
-    # Checked by pattern, not on disk: models/shakespeare.pt may not be trained yet in a checkout.
+    # Checked by pattern, not on disk: chargen/models/shakespeare.pt may not be trained yet in a checkout.
     matcher = PatternMatcher(dockerignore_patterns())
     sources: list[str] = []
     for word, rest in dockerfile_instructions():
         if word == "COPY" and "--from=" not in rest:
             args = [a for a in shlex.split(rest) if not a.startswith("--")]
             sources += args[:-1]
-    assert "models/shakespeare.pt" in sources and "pyproject.toml" in sources
+    assert "chargen/models/shakespeare.pt" in sources and "pyproject.toml" in sources
     for source in sources:
         probe = source if "." in Path(source).name else f"{source}/__init__.py"  # a dir: a file in it
         assert not matcher.matches(probe), f"COPY {source} but .dockerignore excludes it"
@@ -149,7 +149,7 @@ def test_build_context_leaves_out_data_runs_venv_and_caches() -> None:
     leaked = sorted(p for p in context if junk.search(p))
     assert not leaked, f"in the build context: {leaked[:10]}"
     artifacts = sorted(p for p in context if p.endswith(".pt"))
-    assert artifacts in ([], ["models/shakespeare.pt"]), artifacts
+    assert artifacts in ([], ["chargen/models/shakespeare.pt"]), artifacts
 
 
 # --- docker-compose.yml -------------------------------------------------------------------------

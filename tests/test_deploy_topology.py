@@ -226,7 +226,7 @@ def topology(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         env = {**os.environ, **api_environment(redis_port, tiny_artifact)}
         ports = [free_port(), free_port()]
         for i, port in enumerate(ports):  # the same command as the image's CMD, local host/port
-            argv = [sys.executable, "-m", "training.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+            argv = [sys.executable, "-m", "chargen", "serve", "--host", "127.0.0.1", "--port", str(port)]
             procs.append(start(f"api-{i + 1}", argv, tmp, {**env, "PYTHONPATH": str(ROOT)}))
 
         lb_port = free_port()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,9 +13,10 @@ import pytest
 import torch
 
 from service.artifact import LoadedModel, load_model
-from service.engine import Engine, EngineFull, Finished, GenerationRequest, find_step_min_rows, gather_runs
+from service.engine import Engine, EngineFull, EngineStopped, Finished, GenerationRequest
+from service.engine.calibration import find_step_min_rows
 from service.metrics import Metrics
-from service.sampling import BatchParams, SamplingParams, gather, sample_batch, step_sampler
+from service.sampling import BatchParams, SamplingParams, sample_batch, step_sampler
 from service.state_codec import decode_state
 
 T = TypeVar("T")
@@ -28,9 +28,11 @@ def model(tiny_artifact: Path) -> LoadedModel:
     return load_model(tiny_artifact)
 
 
-def with_engine(model: LoadedModel, scenario: Callable[[Engine], Awaitable[T]], **options: Any) -> T:
+def with_engine(
+    model: LoadedModel, scenario: Callable[[Engine], Awaitable[T]], metrics: Metrics | None = None, **options: Any
+) -> T:
     async def main() -> T:
-        engine = Engine(model, Metrics(), **options)
+        engine = Engine(model, metrics or Metrics(), **options)
         engine.start(asyncio.get_running_loop())
         try:
             return await scenario(engine)
@@ -158,23 +160,6 @@ def test_the_scripted_step_sampler_is_the_step_then_the_sampler(model: LoadedMod
             expected = sample_batch(logits[:rows], params, draws[k])
             assert picked[k].tolist() == expected
             tokens = torch.tensor(expected + padding)
-
-
-def test_gathering_a_batch_takes_one_slice_per_run_of_neighbouring_rows() -> None:
-    """Rows that stepped together are gathered as one slice; the batch is the same as row by row."""
-    from types import SimpleNamespace
-
-    last_h, last_c = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
-    new_h, new_c = torch.randn(2, 1, 3), torch.randn(2, 1, 3)  # a stream that just joined
-    rows = [SimpleNamespace(h_src=last_h, c_src=last_c, idx=i) for i in (0, 1, 3, 4)]  # row 2 left
-    rows.insert(2, SimpleNamespace(h_src=new_h, c_src=new_c, idx=0))
-    sources_h, sources_c, runs = gather_runs(rows)  # type: ignore[arg-type]
-    assert runs == [(0, 0, 2), (1, 0, 1), (0, 3, 5)]  # rows 0-1, the new one, rows 3-4
-    assert sources_h == [last_h, new_h] and sources_c == [last_c, new_c]
-    one_by_one = torch.cat([r.h_src[:, r.idx : r.idx + 1] for r in rows], dim=1)
-    assert torch.equal(gather(sources_h, runs), one_by_one)
-    assert torch.equal(gather(sources_c, runs), torch.cat([r.c_src[:, r.idx : r.idx + 1] for r in rows], dim=1))
-    assert gather([last_h], [(0, 0, 5)]) is last_h  # a steady batch: last tick's output, no copy
 
 
 class RowCounter:
@@ -405,10 +390,9 @@ def test_metrics_of_the_engine_move(model: LoadedModel) -> None:
     metrics = Metrics()
 
     async def scenario(engine: Engine) -> None:
-        engine.metrics = metrics
         await asyncio.gather(*(collect(engine, req(model, n=50, seed=i)) for i in range(5)))
 
-    with_engine(model, scenario)
+    with_engine(model, scenario, metrics=metrics)
     value = metrics.registry.get_sample_value
     assert value("chargen_chars_generated_total") == 250
     assert value("chargen_engine_batch_size_count") >= 50
@@ -528,21 +512,18 @@ def test_the_engine_thread_calls_no_torch_op_that_gives_up_the_gil(model: Loaded
             self.calls: set[str] = set()
 
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            if engine_ready.is_set():
+            if watched and watched[0].worker.calibrated.is_set():  # start-up's own tensor work is not recorded
                 self.calls.add(getattr(func, "__name__", repr(func)))
             return func(*args, **(kwargs or {}))
 
     recording = Recording()
-    engine_ready = threading.Event()  # start-up's own tensor work is not recorded
+    watched: list[Engine] = []
 
     class Watched(Engine):
-        def _choose_padding(self) -> None:
-            super()._choose_padding()
-            engine_ready.set()
-
-        def _run(self) -> None:
+        def _thread_main(self) -> None:
+            watched.append(self)
             with recording:
-                super()._run()
+                super()._thread_main()
 
     async def main() -> None:
         engine = Watched(model, Metrics(), prefill_chunk=8, step_prefill_chars=4)
@@ -561,3 +542,36 @@ def test_the_engine_thread_calls_no_torch_op_that_gives_up_the_gil(model: Loaded
 
     asyncio.run(main())
     assert recording.calls and recording.calls <= keeps_the_gil, recording.calls - keeps_the_gil
+
+
+def test_a_request_submitted_while_the_engine_stops_is_finished_not_lost(model: LoadedModel) -> None:
+    """submit() racing stop(): the request lands in the inbox just after the engine thread took its
+    last look at it. It must still finish (cancelled, shutting down) or be refused, never hang."""
+    from collections import deque
+
+    async def main() -> Finished | None:
+        engine = Engine(model, Metrics())
+        engine.start(asyncio.get_running_loop())
+
+        class StopsBeforeTheAppend(deque):  # type: ignore[type-arg]
+            def append(self, item: Any) -> None:
+                engine.stop(timeout=1.0)  # the engine drains what it has and exits (or waits for us)
+                super().append(item)
+
+        engine._inbox.waiting = StopsBeforeTheAppend()
+        try:
+            handle = engine.submit(req(model, n=5))
+        except EngineStopped:
+            return None
+        try:
+            return await asyncio.wait_for(handle.finished, 5)
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    finished = asyncio.run(main())
+    assert finished is not None
+    assert (finished.reason, finished.completion_chars, finished.error) == (
+        "cancelled",
+        0,
+        "the service is shutting down",
+    )

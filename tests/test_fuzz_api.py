@@ -62,7 +62,10 @@ def documented_operations() -> list[tuple[str, str]]:
 # schemathesis's own pytest plugin (from_fixture) does not run under pytest 9 yet, so each
 # operation is a parametrized test that draws cases from schemathesis's strategy with hypothesis.
 @pytest.mark.parametrize(("method", "path"), documented_operations())
-def test_api_matches_its_openapi_document(api_schema: schemathesis.BaseSchema, method: str, path: str) -> None:
+def test_api_matches_its_openapi_document(
+    api_schema: schemathesis.BaseSchema, method: str, path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # schemathesis keeps its files (.schemathesis/) under the working directory
     operation = api_schema[path][method]
 
     @given(case=operation.as_strategy())

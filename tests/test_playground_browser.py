@@ -1,9 +1,11 @@
 """The playground page in a real browser: headless Chromium (Debian's package) driven by Playwright,
-against the real service under uvicorn. Screenshots go to tests/artifacts/screenshots/."""
+against the real service under uvicorn. Screenshots go to pytest's temporary directory, or to
+the directory named by CHARGEN_TEST_SCREENSHOTS (never into the working tree by default)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import threading
@@ -18,7 +20,7 @@ from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwrig
 from tests.service_support import ServerThread, metric, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parent / "artifacts" / "screenshots"
+SHOTS: list[Path] = []  # the screenshot directory, chosen by the `browser` fixture
 # what a sandbox-less CI container needs, and nothing that would reach the network
 CHROMIUM_ARGS = [
     "--headless",
@@ -51,8 +53,11 @@ def playwright() -> Iterator[Playwright]:
 
 
 @pytest.fixture(scope="module")
-def browser(playwright: Playwright) -> Iterator[Browser]:
-    SHOTS.mkdir(parents=True, exist_ok=True)
+def browser(playwright: Playwright, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    chosen = os.environ.get("CHARGEN_TEST_SCREENSHOTS")
+    shots = Path(chosen) if chosen else tmp_path_factory.mktemp("screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    SHOTS[:] = [shots]
     browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
     yield browser
     browser.close()
@@ -76,7 +81,7 @@ def page(browser: Browser, server: ServerThread) -> Iterator[Page]:
 
 
 def shot(page: Page, name: str) -> None:
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(SHOTS[0] / f"{name}.png"), full_page=True)
 
 
 def record_output_lengths(page: Page) -> None:

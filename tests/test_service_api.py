@@ -151,7 +151,9 @@ def test_session_lifecycle_fork_and_delete(server: ServerThread, client: httpx.C
     c = generate(client, server.url, session_id=fork, max_new_chars=20, temperature=0.8, seed=4)["text"]
     assert client.get(f"{server.url}/v1/sessions/{fork}").json()["chars_consumed"] == len(PROMPT) + 70
     assert client.get(f"{server.url}/v1/sessions/{sid}").json()["chars_consumed"] == len(PROMPT) + 50
-    assert c
+    # the fork went on from the same state as its parent: the parent, asked the same, says the same
+    assert len(c) == 20
+    assert generate(client, server.url, session_id=sid, max_new_chars=20, temperature=0.8, seed=4)["text"] == c
     assert client.delete(f"{server.url}/v1/sessions/{sid}").status_code == 204
     for response in (
         client.get(f"{server.url}/v1/sessions/{sid}"),

@@ -104,7 +104,7 @@ def test_any_single_byte_change_is_detected_or_harmless(position: int, value: in
     assert back.h.shape == (2, 8) and back.c.shape == (2, 8)
 
 
-# ---- properties (issue 6): exact round trips; anything else is a StateDecodeError ----------------
+# ---- properties: exact round trips; anything else is a StateDecodeError ----------------
 
 finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)  # includes -0.0 and subnormals
 

@@ -7,8 +7,8 @@ CHARGEN_TEST_CORPUS_URL (checked against CHARGEN_TEST_CORPUS_SHA256), then runs 
 import os
 import sys
 
+from chargen.cli import main
 from training import data
-from training.cli import main
 
 data.TINY_SHAKESPEARE.update(url=os.environ["CHARGEN_TEST_CORPUS_URL"], sha256=os.environ["CHARGEN_TEST_CORPUS_SHA256"])
 raise SystemExit(main(sys.argv[1:]))

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from chargen.artifact import ArtifactError, read_artifact
 from training.data import CorpusError, Vocab
-from training.export import ARTIFACT_FORMAT, jit_deprecation_accepted
 
-
-class ArtifactError(ValueError):
-    """The file is not a chargen artifact this version can use."""
+__all__ = ["Artifact", "ArtifactError", "generate", "load_artifact", "sample_next", "score_text"]
 
 
 @dataclass
@@ -29,22 +25,8 @@ class Artifact:
 
 
 def load_artifact(path: str) -> Artifact:
-    if not Path(path).is_file():
-        raise ArtifactError(f"model file not found: {path}")
-    extra = {"meta.json": ""}
-    try:
-        with jit_deprecation_accepted():
-            module = torch.jit.load(path, map_location="cpu", _extra_files=extra)
-    except (RuntimeError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ArtifactError(f"{path} is not a TorchScript chargen model ({first_line})") from None
-    try:
-        meta = json.loads(extra["meta.json"])
-    except json.JSONDecodeError:
-        meta = None
-    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{path} is not a chargen model (no {ARTIFACT_FORMAT} meta.json)")
-    module.eval()
+    """The artifact at ``path`` (read and checked by chargen.artifact); raises ArtifactError."""
+    module, meta = read_artifact(path)
     return Artifact(module=module, meta=meta, vocab=Vocab(list(meta["vocab"])))
 
 

@@ -1,4 +1,4 @@
-"""The `chargen` command: train, export, sample, eval, serve.
+"""The trainer's commands of `chargen`: train, export, sample, eval (chargen/cli.py is the command).
 
 Every user error (bad corpus, bad config, not an artifact, unknown characters) ends as one line on
 stderr and exit code 2, with nothing overwritten.
@@ -11,24 +11,10 @@ import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import NoReturn
 
-EXIT_USAGE = 2
+from chargen.cli import UsageError
+
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the job was stopped, its checkpoint is resumable
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for; printed as one line, exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        fail(f"{self.prog}: {message} (see --help)")
-
-
-def fail(message: str) -> NoReturn:
-    print(f"chargen: error: {message}", file=sys.stderr)
-    raise SystemExit(EXIT_USAGE)
 
 
 def positive_int(text: str) -> int:
@@ -54,6 +40,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
             default=None,
             help=f"(default {default!r})",
         )
+    p.set_defaults(run=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -144,22 +131,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from service.main import run
-    except ImportError as err:
-        raise UsageError(f"the service is not available in this install ({err})") from None
-    return run(host=args.host, port=args.port, model=args.model)
-
-
-def build_parser() -> Parser:
-    parser = Parser(prog="chargen", description="Character-level Graves LSTM: train, export, sample, serve.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """train, export, sample and eval, each with its handler as ``run``."""
     add_train_parser(sub)
 
     p = sub.add_parser("export", help="write a TorchScript artifact from a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("-o", "--output", required=True)
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("sample", help="stream sampled text from an artifact")
     p.add_argument("model")
@@ -169,36 +148,24 @@ def build_parser() -> Parser:
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(run=cmd_sample)
 
     p = sub.add_parser("eval", help="loss in nats and bits/char of an artifact on a text")
     p.add_argument("model")
     p.add_argument("--corpus", required=True, help="a UTF-8 file, or tinyshakespeare (its validation split)")
-
-    p = sub.add_parser("serve", help="run the HTTP service")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--model", default=None, help="artifact to serve (default: the bundled model)")
-    return parser
+    p.set_defaults(run=cmd_eval)
 
 
-COMMANDS = {"train": cmd_train, "export": cmd_export, "sample": cmd_sample, "eval": cmd_eval, "serve": cmd_serve}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from training.artifact import ArtifactError
+def user_errors() -> tuple[type[Exception], ...]:
+    """What the trainer's commands raise for a user's mistake (one line on stderr, exit 2)."""
+    from chargen.artifact import ArtifactError
     from training.config import ConfigError
     from training.data import CorpusError
 
-    args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except (UsageError, ArtifactError, ConfigError, CorpusError) as err:
-        fail(str(err))
-    except BrokenPipeError:  # `chargen sample ... | head`
-        return 0
-    except KeyboardInterrupt:
-        return 130
+    return (ArtifactError, ConfigError, CorpusError)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m training.cli ...` (as torchrun command lines use it) is the chargen command
+    from chargen.cli import main
+
     raise SystemExit(main())

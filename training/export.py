@@ -8,35 +8,20 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from chargen.artifact import ARTIFACT_FORMAT, ARTIFACT_METHODS, jit_deprecation_accepted
 from training.model import CharLSTM, ModelConfig, count_parameters
 from training.train import LN2, atomic_write_bytes, load_checkpoint, weights_fingerprint
-
-ARTIFACT_FORMAT = "chargen-lstm/1"
-ARTIFACT_METHODS = ("forward", "step", "init_state", "inspect")
 
 
 def fingerprint(model: torch.nn.Module) -> str:
     """sha256 over every parameter's name, shape and bytes: identifies these exact weights."""
     return weights_fingerprint(model.state_dict())
-
-
-@contextmanager
-def jit_deprecation_accepted() -> Iterator[None]:
-    """torch.jit is deprecated in favour of torch.export, but TorchScript is the format that loads
-    with no Python source (the service never imports this package); the warning has nothing for
-    us to act on, so it is silenced here and only here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
-        yield
 
 
 def script(model: CharLSTM) -> torch.jit.ScriptModule:

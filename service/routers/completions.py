@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,7 +14,9 @@ from service.artifact import LoadedModel
 from service.auth import OwnerDep
 from service.dependencies import GenerationsDep, ModelDep
 from service.errors import ApiError
-from service.generation import GenerationSpec, Job, stream_job
+from service.generation import GenerationSpec
+from service.job import Job
+from service.routers.results import collect, stream
 from service.sampling import SamplingParams
 from service.sse import EventStreamResponse
 
@@ -91,9 +92,9 @@ def chunk(
     }
 
 
-@router.post("/v1/completions", responses={200: {"content": {"text/event-stream": {}}}})
+@router.post("/completions", responses={200: {"content": {"text/event-stream": {}}}})
 async def completions(
-    body: CompletionRequest, generations: GenerationsDep, model: ModelDep, owner: OwnerDep
+    body: CompletionRequest, request: Request, generations: GenerationsDep, model: ModelDep, owner: OwnerDep
 ) -> Response:
     received = time.perf_counter()
     check_model(body.model, model)
@@ -105,17 +106,8 @@ async def completions(
     completion_id = "cmpl-" + secrets.token_hex(12)
     created = int(time.time())
     if spec.stream:
-        return EventStreamResponse(stream_chunks(job, completion_id, created, model))
-    try:
-        text = "".join([piece async for piece in job.pieces()])
-        outcome = await job.outcome()
-    finally:
-        job.abandon()
-    if outcome.error is not None:
-        raise outcome.error
-    finished = outcome.finished
-    if finished.reason not in ("length", "stop"):
-        raise ApiError(503, f"generation was interrupted ({finished.error or finished.reason})", None, "interrupted")
+        return stream_chunks(job, completion_id, created, model)
+    text, finished = await collect(job, request)
     used = len(spec.prompt)
     extra: dict[str, Any] = {
         "usage": {
@@ -129,8 +121,8 @@ async def completions(
     return JSONResponse(chunk(completion_id, created, model, text, finished.reason, **extra))
 
 
-def stream_chunks(job: Job, completion_id: str, created: int, model: LoadedModel) -> AsyncIterator[str]:
-    return stream_job(
+def stream_chunks(job: Job, completion_id: str, created: int, model: LoadedModel) -> EventStreamResponse:
+    return stream(
         job,
         lambda piece: chunk(completion_id, created, model, piece, None),
         lambda finished: chunk(completion_id, created, model, "", finished.reason),

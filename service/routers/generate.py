@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.auth import OwnerDep
 from service.dependencies import GenerationsDep, ModelDep
 from service.engine import Finished
-from service.errors import ApiError
-from service.generation import GenerationSpec, Job, stream_job
+from service.generation import GenerationSpec
+from service.job import Job
+from service.routers.results import collect, stream
 from service.sampling import SamplingParams
 from service.sse import EventStreamResponse
 
@@ -60,25 +60,18 @@ def usage(spec: GenerationSpec, completion_chars: int) -> dict[str, int]:
     return {"prompt_chars": len(spec.prompt), "completion_chars": completion_chars}
 
 
-@router.post("/v1/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}})
-async def generate(body: GenerateRequest, generations: GenerationsDep, model: ModelDep, owner: OwnerDep) -> Response:
+@router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}})
+async def generate(
+    body: GenerateRequest, request: Request, generations: GenerationsDep, model: ModelDep, owner: OwnerDep
+) -> Response:
     received = time.perf_counter()
     spec = body.spec()
     spec.owner = owner
     generations.validate(spec)
     job = await generations.start(spec, received)
     if spec.stream:
-        return EventStreamResponse(stream_events(job))
-    try:
-        text = "".join([piece async for piece in job.pieces()])
-        outcome = await job.outcome()
-    finally:
-        job.abandon()  # no-op once finished; stops the row if this handler is cancelled
-    if outcome.error is not None:
-        raise outcome.error
-    finished = outcome.finished
-    if finished.reason not in ("length", "stop"):
-        raise ApiError(503, f"generation was interrupted ({finished.error or finished.reason})", None, "interrupted")
+        return stream_events(job)
+    text, finished = await collect(job, request)
     payload = GenerateResponse(
         text=text,
         finish_reason=finished.reason,  # type: ignore[arg-type]
@@ -89,7 +82,7 @@ async def generate(body: GenerateRequest, generations: GenerationsDep, model: Mo
     return JSONResponse(payload.model_dump())
 
 
-def stream_events(job: Job) -> AsyncIterator[str]:
+def stream_events(job: Job) -> EventStreamResponse:
     def final(finished: Finished) -> dict[str, Any]:
         return {
             "finish_reason": finished.reason,
@@ -97,4 +90,4 @@ def stream_events(job: Job) -> AsyncIterator[str]:
             "usage": usage(job.spec, finished.completion_chars),
         }
 
-    return stream_job(job, lambda piece: {"text": piece}, final)
+    return stream(job, lambda piece: {"text": piece}, final)

@@ -16,8 +16,12 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz(request: Request) -> JSONResponse:
+    """200 while the process can serve; 503 once its engine thread has died (restart the process)."""
+    engine = getattr(request.app.state, "engine", None)
+    if engine is not None and engine.failure is not None:
+        return JSONResponse({"status": "failed", "reason": engine.failure}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/readyz")

@@ -34,8 +34,8 @@ from service.artifact import LoadedModel
 from service.auth import OwnerDep
 from service.dependencies import ModelDep, SettingsDep, StoreDep
 from service.errors import ApiError, ErrorEnvelope
-from service.generation import read_owned_session
-from service.state_codec import ModelMismatchError, StateDecodeError, decode_state
+from service.problems import unknown_characters
+from service.session_access import read_owned_session, state_for
 from service.state_store import SessionStore
 
 router = APIRouter(tags=["inspect"])
@@ -193,8 +193,7 @@ def check_text(model: LoadedModel, text: str) -> list[int]:
         )
     unknown = model.unknown_chars(text)
     if unknown:
-        shown = ", ".join(repr(ch) for ch in unknown[:20]) + (", ..." if len(unknown) > 20 else "")
-        raise ApiError(400, f"text: characters the model does not know: {shown}", "text", "unknown_characters")
+        raise unknown_characters("text", unknown)
     return model.encode(text)
 
 
@@ -256,14 +255,7 @@ async def starting_point(model: LoadedModel, store: SessionStore, session_id: st
         zeros = torch.zeros(model.layers, 1, model.hidden)
         return Start(model.start_id, zeros, zeros.clone())
     stored = await read_owned_session(store, session_id, owner)
-    try:
-        state = decode_state(stored.state, model.fingerprint, model.layers, model.hidden, len(model.vocab))
-    except ModelMismatchError as err:
-        raise ApiError(409, f"session_id: {err}", "session_id", "model_mismatch") from None
-    except StateDecodeError as err:
-        raise ApiError(
-            409, f"session_id: the stored state cannot be used ({err})", "session_id", "invalid_session_state"
-        ) from None
+    state = state_for(model, stored.state)
     h = torch.from_numpy(state.h).unsqueeze(1)
     c = torch.from_numpy(state.c).unsqueeze(1)
     return Start(state.pending if state.pending >= 0 else model.start_id, h, c)
@@ -384,7 +376,7 @@ def limits(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/inspect")
+@router.get("/inspect")
 async def inspect_info(model: ModelDep) -> dict[str, Any]:
     """Whether the loaded model can be inspected, its shape, and the request limits (for the page)."""
     return limits(model)
@@ -394,7 +386,7 @@ async def inspect_info(model: ModelDep) -> dict[str, Any]:
 NOT_INSPECTABLE = {501: {"model": ErrorEnvelope, "description": "the loaded model has no inspect() method"}}
 
 
-@router.post("/v1/inspect", response_model=InspectResponse, responses=NOT_INSPECTABLE)
+@router.post("/inspect", response_model=InspectResponse, responses=NOT_INSPECTABLE)
 async def inspect(
     body: InspectRequest,
     request: Request,
@@ -415,7 +407,7 @@ async def inspect(
     )
 
 
-@router.post("/v1/inspect/units", response_model=UnitSearchResponse, responses=NOT_INSPECTABLE)
+@router.post("/inspect/units", response_model=UnitSearchResponse, responses=NOT_INSPECTABLE)
 async def find_units(
     body: UnitSearchRequest,
     request: Request,

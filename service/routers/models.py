@@ -30,12 +30,12 @@ def describe(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/models")
+@router.get("/models")
 async def list_models(model: ModelDep) -> dict[str, Any]:
     return {"object": "list", "data": [describe(model)]}
 
 
-@router.get("/v1/models/{model_id}")
+@router.get("/models/{model_id}")
 async def get_model(model_id: str, model: ModelDep) -> dict[str, Any]:
     if model_id not in (model.model_id, model.fingerprint):
         raise ApiError(404, f"model: {model_id!r} is not served here", "model", "model_not_found")

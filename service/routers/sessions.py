@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import time
 from typing import Annotated, Any
@@ -15,9 +14,10 @@ from pydantic import BaseModel, ConfigDict
 from service.artifact import LoadedModel
 from service.auth import OwnerDep
 from service.dependencies import GenerationsDep, MetricsDep, ModelDep, SettingsDep, StoreDep
-from service.errors import ApiError
-from service.generation import GenerationSpec, busy, check_session_id, not_found, read_owned_session, store_down
+from service.generation import GenerationSpec
+from service.problems import Problem, session_busy, store_unavailable
 from service.sampling import SamplingParams
+from service.session_access import read_owned_session, release_quietly, take_lease, unusable_state
 from service.state_codec import (
     SessionState,
     StateDecodeError,
@@ -58,19 +58,7 @@ def fresh_state(model: LoadedModel) -> bytes:
     return encode_state(SessionState(h=zeros, c=zeros.copy(), pending=-1, chars_consumed=0), model.fingerprint)
 
 
-async def leased(store: SessionStore, session_id: str, owner: str | None = None) -> tuple[str, bytes]:
-    check_session_id(session_id)
-    try:
-        return await store.acquire(session_id, owner=owner)
-    except SessionNotFound:
-        raise not_found(session_id) from None
-    except SessionBusy:
-        raise busy(session_id) from None
-    except StoreUnavailable as err:
-        raise store_down(err) from None
-
-
-@router.post("/v1/sessions", status_code=201, response_model=SessionCreated)
+@router.post("/sessions", status_code=201, response_model=SessionCreated)
 async def create_session(
     generations: GenerationsDep,
     store: StoreDep,
@@ -87,19 +75,19 @@ async def create_session(
     try:
         await store.create(session_id, fresh_state(model), owner)
     except StoreUnavailable as err:
-        raise store_down(err) from None
+        raise store_unavailable(err) from None
     metrics.sessions_created.inc()
     if prompt:  # prime: feed the prompt through the engine and save the state after it
         spec.session_id = session_id
         try:
             job = await generations.start(spec, time.perf_counter())
-        except ApiError:
+        except Problem:
             await drop(store, session_id)
             raise
         outcome = await job.outcome()
-        if outcome.error is not None:
+        if outcome.problem is not None:
             await drop(store, session_id)
-            raise outcome.error
+            raise outcome.problem
     return SessionCreated(session_id=session_id, expires_in_s=settings.session_ttl_s)
 
 
@@ -111,15 +99,13 @@ async def drop(store: SessionStore, session_id: str) -> None:
         pass  # it expires by itself
 
 
-@router.get("/v1/sessions/{session_id}", response_model=SessionInfo)
+@router.get("/sessions/{session_id}", response_model=SessionInfo)
 async def get_session(session_id: str, store: StoreDep, model: ModelDep, owner: OwnerDep) -> Any:
     stored = await read_owned_session(store, session_id, owner)
     try:
         fingerprint, consumed = describe_state(stored.state)
     except StateDecodeError as err:
-        raise ApiError(
-            409, f"session_id: the stored state cannot be used ({err})", "session_id", "invalid_session_state"
-        ) from None
+        raise unusable_state(err) from None
     same_model = fingerprint == digest_name(fingerprint_digest(model.fingerprint))
     return SessionInfo(
         session_id=session_id,
@@ -130,30 +116,29 @@ async def get_session(session_id: str, store: StoreDep, model: ModelDep, owner: 
     )
 
 
-@router.delete("/v1/sessions/{session_id}", status_code=204)
+@router.delete("/sessions/{session_id}", status_code=204)
 async def delete_session(session_id: str, store: StoreDep, owner: OwnerDep) -> Response:
-    token, _ = await leased(store, session_id, owner)
+    token, _ = await take_lease(store, session_id, owner)
     try:
         if not await store.delete(session_id, token):
-            raise busy(session_id)
+            raise session_busy(session_id)
     except StoreUnavailable as err:
-        raise store_down(err) from None
+        raise store_unavailable(err) from None
     return Response(status_code=204)
 
 
-@router.post("/v1/sessions/{session_id}/fork", status_code=201)
+@router.post("/sessions/{session_id}/fork", status_code=201)
 async def fork_session(
     session_id: str, store: StoreDep, settings: SettingsDep, metrics: MetricsDep, owner: OwnerDep
 ) -> Any:
-    token, state = await leased(store, session_id, owner)
+    token, state = await take_lease(store, session_id, owner)
     new_id = new_session_id()
     try:
         await store.create(new_id, state, owner)  # the fork belongs to the same key
     except StoreUnavailable as err:
-        raise store_down(err) from None
+        raise store_unavailable(err) from None
     finally:
-        with contextlib.suppress(StoreUnavailable):
-            await store.release(session_id, token)
+        await release_quietly(store, session_id, token)
     metrics.sessions_created.inc()
     return JSONResponse(
         {"session_id": new_id, "expires_in_s": settings.session_ttl_s, "forked_from": session_id}, status_code=201

@@ -1,0 +1,138 @@
+"""Building the batch of one tick: which rows step together, how many characters they take, and
+the inputs of the one scripted call (their state as slices of earlier tensors, the padding)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from service.artifact import LoadedModel
+from service.engine.config import EngineConfig
+from service.engine.row import STEP_FEED, Row
+from service.sampling import BatchParams
+
+Runs = list[tuple[int, int, int]]  # (source, start, end): rows start..end of sources[source]
+
+
+def gather_runs(rows: list[Row]) -> tuple[list[Tensor], list[Tensor], Runs]:
+    """The rows' state as source tensors and runs of rows that sit side by side in the same source
+    (rows that stepped together last tick): the scripted call slices and joins them, one slice per
+    run, not one per row.
+
+    When a stream joins or leaves, the others still sit in last tick's output in order, so the
+    new batch is a few slices instead of 2 x 64 one-row slices. Only Python here: any torch op on
+    the engine's thread gives up the GIL (see `StepSampler`).
+    """
+    sources_h: list[Tensor] = []
+    sources_c: list[Tensor] = []
+    numbers: dict[int, int] = {}  # id(h source) -> its index in sources
+    runs: Runs = []
+    for row in rows:
+        k = numbers.get(id(row.h_src))
+        if k is None:
+            k = numbers[id(row.h_src)] = len(sources_h)
+            sources_h.append(row.h_src)
+            sources_c.append(row.c_src)
+        if runs and runs[-1][0] == k and runs[-1][2] == row.idx:
+            runs[-1] = (k, runs[-1][1], row.idx + 1)
+        else:
+            runs.append((k, row.idx, row.idx + 1))
+    return sources_h, sources_c, runs
+
+
+@dataclass
+class Batch:
+    rows: list[Row]
+    feeding: list[bool]  # per row: it reads a prompt character this step and samples none
+    steps: int  # characters each row takes this tick (one scripted call runs them all)
+    exact: bool  # it carries a reproducible row, so it is padded to the measured size
+    tokens: Tensor  # int64 [rows + padding]: each row's character to feed
+    sources_h: list[Tensor]
+    sources_c: list[Tensor]
+    runs: Runs
+    params: BatchParams
+
+
+class BatchBuilder:
+    """Up to ``max_batch`` ready rows per step, rotating who goes first when more are ready.
+
+    A batch of up to ``multi_step_rows`` rows takes ``decode_steps`` characters per tick while
+    nobody waits (no request to admit, no prompt being read, no row before its first character,
+    none left out of the batch): the engine's Python then runs once per that many characters.
+    Every step is the same call at the same batch size and each row draws its numbers in order,
+    so the text is the same as one character per tick.
+    """
+
+    def __init__(self, model: LoadedModel, config: EngineConfig) -> None:
+        self.model = model
+        self.max_batch = config.max_batch
+        self.decode_steps = config.decode_steps
+        self.multi_step_rows = config.multi_step_rows
+        self.stream_window = config.stream_window
+        self.pad_to = 1  # rows a reproducible step is padded to: the measured step_min_rows
+        self._rotate = 0
+        self._last_rows: list[Row] = []  # the rows of the last step, whose output is in _last_h/_c
+        self._last_h: Tensor | None = None
+        self._last_c: Tensor | None = None
+        self._last_params: BatchParams | None = None
+        self._padding: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def build(self, ready: list[Row], quiet: bool) -> Batch:
+        """This tick's batch; ``quiet``: no request waits to be admitted and no prompt is being read."""
+        left_out = len(ready) > self.max_batch
+        if left_out:  # more rows than one step takes: rotate who goes first
+            start = self._rotate % len(ready)
+            ready = (ready[start:] + ready[:start])[: self.max_batch]
+            self._rotate += self.max_batch
+        rows = ready
+        feeding = [r.phase is STEP_FEED for r in rows]
+        exact = any(r.reproducible for r in rows)
+        pad = max(0, self.pad_to - len(rows)) if exact else 0
+        # rows waiting for a turn: one character each, or they would wait `steps` steps per character
+        steps = self._steps_for(rows, feeding) if quiet and not left_out else 1
+        if rows == self._last_rows and self._last_h is not None and self._last_c is not None:
+            # steady state: last tick's output (padding included) is this tick's input
+            sources_h, sources_c = [self._last_h], [self._last_c]
+            runs = [(0, 0, self._last_h.shape[1])]
+            params = self._last_params
+        else:
+            sources_h, sources_c, runs = gather_runs(rows)
+            if pad:
+                ph, pc = self._padding_rows(pad)
+                runs.append((len(sources_h), 0, pad))
+                sources_h.append(ph)
+                sources_c.append(pc)
+            params = BatchParams.of([r.params for r in rows], len(self.model.vocab))
+        assert params is not None
+        feed = [r.to_feed[r.fed] if f else r.pending for r, f in zip(rows, feeding, strict=True)] + [0] * pad
+        tokens = torch.from_numpy(np.array(feed, dtype=np.int64))  # a third of torch.tensor(list)'s cost
+        return Batch(rows, feeding, steps, exact, tokens, sources_h, sources_c, runs, params)
+
+    def stepped(self, batch: Batch, h: Tensor, c: Tensor) -> None:
+        """The batch ran; (h, c) is its last step's output, the next tick's input if it is the same."""
+        self._last_rows, self._last_h, self._last_c, self._last_params = batch.rows, h, c, batch.params
+
+    def forget(self, row: Row | None = None) -> None:
+        """A row of the last step left (or, with None, anything may have changed): gather afresh."""
+        if row is None or row in self._last_rows:
+            self._last_rows = []
+
+    def _steps_for(self, rows: list[Row], feeding: list[bool]) -> int:
+        steps = self.decode_steps
+        if steps == 1 or len(rows) > self.multi_step_rows or any(feeding):
+            return 1
+        for row in rows:
+            if not row.sampled:  # its first character goes out after one step, not after `steps`
+                return 1
+            steps = min(steps, row.max_new - row.sampled)
+            if not row.auto_ack:  # never past the client's window
+                steps = min(steps, self.stream_window - (row.released - row.handle.acked))
+        return max(steps, 1)
+
+    def _padding_rows(self, rows: int) -> tuple[Tensor, Tensor]:
+        if rows not in self._padding:
+            self._padding[rows] = self.model.module.init_state(rows)
+        return self._padding[rows]

@@ -1,0 +1,111 @@
+"""What each row produces from a step: its characters, stop strings, text for its client, and
+its result with the session state after exactly the text returned."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from torch import Tensor
+
+from service.artifact import LoadedModel
+from service.engine.batch import Batch
+from service.engine.handover import Handover
+from service.engine.requests import Finished, StreamHandle
+from service.engine.row import DONE, Row
+from service.metrics import Metrics
+from service.state_codec import SessionState, encode_state
+
+
+class Outputs:
+    """The per-row side of a step: every sampled character goes through `take`.
+
+    ``leave`` removes a finished row from the engine's rows and batches.
+    """
+
+    def __init__(self, model: LoadedModel, metrics: Metrics, handover: Handover, leave: Callable[[Row], None]) -> None:
+        self.model = model
+        self.metrics = metrics
+        self.handover = handover
+        self.leave = leave
+
+    def take(self, batch: Batch, picks: list[list[int]], states_h: list[Tensor], states_c: list[Tensor]) -> None:
+        """Walk a tick's steps: a prompt character read, or one more character per decoding row."""
+        now = time.perf_counter()
+        vocab = self.model.vocab
+        outboxes = self.handover.outboxes
+        observe_gap = self.metrics.time_between_chars.observe
+        rows, feeding, n = batch.rows, batch.feeding, len(batch.rows)
+        sampled = 0
+        for h2, c2, choices in zip(states_h, states_c, picks, strict=True):
+            for i, row in enumerate(rows):
+                if feeding[i]:  # one more prompt character read; its pending (last) character stays
+                    row.h_src, row.c_src, row.idx = h2, c2, i
+                    row.fed += 1
+                    if row.fed == len(row.to_feed):
+                        self.prompt_read(row)
+                    continue
+                if row.phase is DONE:  # a stop string ended it earlier in this tick: the rest is unused
+                    continue
+                sampled += 1
+                choice = choices[i]
+                row.h_src, row.c_src, row.idx, row.pending = h2, c2, i, choice
+                row.snapshots.record(h2, c2, i, choice)
+                row.sampled += 1
+                if row.sampled > 1:
+                    observe_gap(now - row.last_char_at)  # 0 for all but the first of a tick's characters
+                row.last_char_at = now
+                if row.has_stops or row.sampled >= row.max_new or row.sampled == 1:
+                    self._release(row, vocab[choice])
+                else:  # the common case, inline: one more character for the outbox
+                    row.outbox += vocab[choice]
+                    outboxes[row] = None
+            self.metrics.batch_size.observe(n)
+        self.metrics.chars_generated.inc(sampled)
+
+    def prompt_read(self, row: Row) -> None:
+        """The row's prompt is fed: it generates from here, or ends at once if asked for nothing."""
+        row.prompt_read(time.perf_counter())
+        if row.max_new == 0:
+            self.finish(row, "length", 0)
+
+    def _release(self, row: Row, ch: str) -> None:
+        """The uncommon cases of one character: stop strings, the last one, a row's first text."""
+        first = row.sampled - 1 == len(row.stops.held)  # nothing was released before this character
+        text, stop = row.stops.push(ch)
+        if stop is None and row.sampled >= row.max_new:
+            text += row.stops.release()
+        if text:
+            if first:
+                self.handover.urgent = True  # time to first character: do not wait for the interval
+            self.handover.text(row, text)
+        if stop is not None:  # the stop string is not returned, and the state is the one before it
+            self.finish(row, "stop", row.sampled - len(stop))
+        elif row.sampled >= row.max_new:
+            self.finish(row, "length", row.sampled)
+
+    def finish(self, row: Row, reason: str, at: int, error: str | None = None, unread: bool = False) -> None:
+        """The row leaves the engine at position ``at`` of its text: that much is returned, and its
+        session saved with the state there. ``unread``: it leaves before its prompt was read, and
+        its session stays as it was."""
+        req = row.req
+        blob = None
+        if unread:
+            consumed = row.session_chars - len(req.prompt_ids)
+        else:
+            consumed = row.session_chars + at
+            if req.want_state and row.snapshots:
+                h, c, idx, pending = row.snapshots.at(at)
+                blob = self.encode(h, c, idx, pending, consumed)
+        self.handover.finished(row, row.handle, Finished(reason, at, consumed, blob, error))
+        row.phase = DONE
+        self.leave(row)
+
+    def answer(self, handle: StreamHandle, result: Finished) -> None:
+        """A request that ends without becoming a row."""
+        self.handover.finished(None, handle, result)
+
+    def encode(self, h: Tensor, c: Tensor, idx: int, pending: int, consumed: int) -> bytes:
+        # numpy views, not tensor slices: a torch op here would give up the GIL (see `StepSampler`)
+        state = SessionState(h=h.numpy()[:, idx], c=c.numpy()[:, idx], pending=pending, chars_consumed=consumed)
+        return encode_state(state, self.model.fingerprint)
