@@ -16,10 +16,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from tests import docker_support
 from training.config import TrainConfig
 from training.export import export
 from training.train import train
@@ -87,3 +89,48 @@ def client() -> Iterator[httpx.Client]:
     """A plain HTTP client for talking to a test server."""
     with httpx.Client(timeout=60) as c:
         yield c
+
+
+# --- a real Docker engine (tests/test_docker_*.py; the machinery is in tests/docker_support.py) ---
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[docker_support.DockerEngine]:
+    """The Docker daemon, started here if none runs. Without one the Docker tests skip, saying why;
+    with CHARGEN_REQUIRE_DOCKER=1 (the README's test command, hence CI) they fail instead."""
+    try:
+        engine = docker_support.DockerEngine(tmp_path_factory.mktemp("dockerd"))
+    except docker_support.DockerUnavailable as err:
+        if docker_support.REQUIRE_DOCKER:
+            pytest.fail(f"CHARGEN_REQUIRE_DOCKER=1 but {err}")
+        pytest.skip(str(err))
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_stack(
+    docker_engine: docker_support.DockerEngine, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[docker_support.Stack]:
+    """Both images built from the repository's Dockerfile, and `docker compose up` of the default
+    profile on a project of its own; everything the project made is removed at the end."""
+    try:
+        stack = docker_support.Stack.build(docker_engine, tmp_path_factory.mktemp("compose"))
+    except docker_support.DockerUnavailable as err:
+        if docker_support.REQUIRE_DOCKER:
+            pytest.fail(f"CHARGEN_REQUIRE_DOCKER=1 but {err}")
+        pytest.skip(str(err))
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.remove()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if docker_support.REPORT:
+        terminalreporter.section("Docker: images and stack, as measured in this run")
+        for line in docker_support.REPORT:
+            terminalreporter.write_line(line)
