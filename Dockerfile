@@ -52,8 +52,16 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_CPU_INDEX_URL}"
 COPY --from=wheel /wheels /wheels
 # The installed torch (2.13.0+cpu) satisfies the project's `torch>=2.4,<2.15`, so pip keeps it and
-# takes only the remaining dependencies from PyPI. Non-editable: the image needs no source tree.
+# takes only the remaining dependencies from the index. Non-editable: the image needs no source
+# tree. Without extras: the trainer's plotting and progress-bar packages stay out of the api image.
 RUN pip install --no-cache-dir /wheels/chargen-*.whl
+
+
+# --- train-cpu-venv: the same virtualenv plus the `train` extra (matplotlib, tqdm) ---
+FROM runtime-venv AS train-cpu-venv
+# Not a package to pin (DL3013): the wheel file built above, with its extra.
+# hadolint ignore=DL3013
+RUN set -- /wheels/chargen-*.whl && pip install --no-cache-dir "$1[train]"
 
 
 # --- train-venv: the default PyPI torch wheel, which is the CUDA build on linux/x86_64 ---
@@ -66,7 +74,9 @@ ENV PATH=/opt/venv/bin:$PATH
 # driver (NVIDIA Container Toolkit), so no nvidia/cuda base image is needed.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_CUDA_INDEX_URL}"
 COPY --from=wheel /wheels /wheels
-RUN pip install --no-cache-dir /wheels/chargen-*.whl
+# Not a package to pin (DL3013): the wheel file built above, with its extra.
+# hadolint ignore=DL3013
+RUN set -- /wheels/chargen-*.whl && pip install --no-cache-dir "$1[train]"
 
 
 # --- job: what both training images share (docker compose --profile train run trainer) ---
@@ -101,7 +111,7 @@ CMD ["chargen", "train", "--config", "configs/tinyshakespeare-gpu.toml", "--out"
 
 # --- train-cpu: the same job on CPU torch, for hosts without a GPU (deploy/train-cpu.yml) ---
 FROM job AS train-cpu
-COPY --from=runtime-venv /opt/venv /opt/venv
+COPY --from=train-cpu-venv /opt/venv /opt/venv
 CMD ["chargen", "train", "--config", "configs/tinyshakespeare-cpu.toml", "--out", "/runs/shakespeare-cpu", "--resume"]
 
 

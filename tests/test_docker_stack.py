@@ -109,6 +109,17 @@ def test_images_come_from_the_dockerfile_and_keep_the_mirror_out(stack: Stack) -
     )
 
 
+def test_the_api_image_has_the_service_without_the_trainers_packages(stack: Stack) -> None:
+    api = replicas(stack)[0]
+    probe = "import importlib.util as u; print(*(bool(u.find_spec(m)) for m in ('fastapi', 'matplotlib', 'tqdm')))"
+    assert api.exec_run(["python", "-c", probe]).output.decode() == "True False False\n"
+    refused = api.exec_run(["chargen", "train", "--corpus", "x.txt"])  # says what is missing, at once
+    assert refused.exit_code == 2
+    assert refused.output.decode() == (
+        "chargen: error: train needs the train extra (matplotlib, tqdm missing): pip install 'chargen[train]'\n"
+    )
+
+
 def test_stand_in_base_images_say_what_they_are(stack: Stack) -> None:
     for stand_in in STAND_INS:
         labels = stack.client.images.get(stand_in.image).labels or {}

@@ -105,14 +105,16 @@ def test_the_training_job_checkpoints_resumes_publishes_and_the_api_serves_its_m
     written = [f"/runs/tiny/{f}" for f in ("last.pt", "best.pt", "loss.png", "model.pt")] + ["/models/tiny.pt"]
     script = (
         f"import json, os, zipfile; print(os.getuid(), *(os.stat(p).st_uid for p in {written!r}));"
+        "import importlib.util as u; print(*(u.find_spec(m) is not None for m in ('matplotlib', 'tqdm')));"
         "z = zipfile.ZipFile('/models/tiny.pt');"
         "print(json.dumps(json.loads(z.read(next(n for n in z.namelist() if n.endswith('extra/meta.json'))))))"
     )
     job = run_trainer(stack, corpus, name, "python", "-c", script)
     output, _ = job.communicate(timeout=120)
     assert job.returncode == 0, output
-    uids, meta_json = output.strip().splitlines()[-2:]
+    uids, train_extra, meta_json = output.strip().splitlines()[-3:]
     assert uids.split() == ["10001"] * 6
+    assert train_extra == "True True"  # the image the job runs in has the train extra
     meta = json.loads(meta_json)
     assert meta["train_steps"] == MAX_STEPS and meta["vocab"] == sorted(set(text))
 
