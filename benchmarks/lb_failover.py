@@ -27,7 +27,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.docker_support import DockerEngine, Stack, free_port  # noqa: E402
+from tests.docker_support import DockerEngine, Stack, build_images, free_port  # noqa: E402
 
 REQUESTS = 20
 
@@ -40,7 +40,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="chargen-failover-") as tmp:
         engine = DockerEngine(Path(tmp))
-        stack = Stack.build(engine, Path(tmp))
+        build_images(engine, Path(tmp))
+        stack = Stack.create(engine, Path(tmp), "failover")
         try:
             stack.up()
             conf = (ROOT / "deploy" / "nginx.conf").read_text(encoding="utf-8")

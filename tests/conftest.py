@@ -111,17 +111,27 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[docker_s
 
 
 @pytest.fixture(scope="session")
-def docker_stack(
-    docker_engine: docker_support.DockerEngine, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[docker_support.Stack]:
-    """Both images built from the repository's Dockerfile, and `docker compose up` of the default
-    profile on a project of its own; everything the project made is removed at the end."""
+def docker_images(docker_engine: docker_support.DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Both images built from the repository's Dockerfile, once per run (tests/docker_support.py)."""
     try:
-        stack = docker_support.Stack.build(docker_engine, tmp_path_factory.mktemp("compose"))
+        docker_support.build_images(docker_engine, tmp_path_factory.mktemp("compose-build"))
     except docker_support.DockerUnavailable as err:
         if docker_support.REQUIRE_DOCKER:
             pytest.fail(f"CHARGEN_REQUIRE_DOCKER=1 but {err}")
         pytest.skip(str(err))
+
+
+@pytest.fixture(scope="module")
+def docker_stack(
+    docker_engine: docker_support.DockerEngine,
+    docker_images: None,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[docker_support.Stack]:
+    """`docker compose up` of the default profile, a project per test module (its own containers,
+    network and volumes), removed when the module's tests are done, with a check that nothing is left."""
+    name = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_docker_")
+    stack = docker_support.Stack.create(docker_engine, tmp_path_factory.mktemp("compose"), name)
     try:
         stack.up()
         yield stack

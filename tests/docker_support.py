@@ -512,9 +512,54 @@ TRAIN_CPU_IMAGE = "chargen-train-cpu:0.1.0"
 MB = 1e6
 
 
+def project_compose(tmp: Path, project: str, **env: str) -> Compose:
+    env_file = tmp / "empty.env"  # instead of a developer's .env in the repository
+    env_file.write_text("")
+    return Compose(compose_binary(), project, env_file, {"COMPOSE_BAKE": "false", **env})
+
+
+STARTED: list[float] = []  # when the Docker part of this run began (the first image build)
+
+
+def build_images(engine: DockerEngine, tmp: Path) -> None:
+    """Base images (stand-ins where missing), the package mirror, then both chargen images with
+    `docker compose build`, through the compose file's build arguments. Once per test run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    compose = project_compose(tmp, f"chargen-test-{os.getpid()}-build")
+    client = engine.client
+    started = time.monotonic()
+    STARTED.append(started)
+    with tempfile.TemporaryDirectory(prefix="chargen-docker-") as work, ThreadPoolExecutor(len(STAND_INS)) as pool:
+        missing = [s for s in STAND_INS if needs_building(client, s)]
+        building = {s.image: pool.submit(build_stand_in, client, s, Path(work)) for s in missing}
+        python_image = dockerfile_arg("PYTHON_IMAGE")
+        if python_image in building:
+            building[python_image].result()
+        mirror = PackageMirror(Path(work) / "mirror")
+        mirror.download(client, python_image)
+        wheels = len(list((mirror.root / "files").iterdir()))
+        report(f"package mirror: {wheels} wheels, ready after {time.monotonic() - started:.0f} s")
+        previous = {name: image_id(client, name) for name in (RUNTIME_IMAGE, TRAIN_CPU_IMAGE)}
+        with mirror.serving() as url:
+            build_started = time.monotonic()
+            mirrored = {"PIP_INDEX_URL": url, "TORCH_CPU_INDEX_URL": url, "CHARGEN_BUILD_NETWORK": "host"}
+            compose("--profile", "train", "build", "api", "trainer", train_cpu=True, timeout=1800, **mirrored)
+            report(f"docker compose build api trainer (train-cpu): {time.monotonic() - build_started:.0f} s")
+        for future in building.values():
+            future.result()
+    for name, old in previous.items():  # an older build of the same tag: drop it, not the cache
+        if old is not None and old != image_id(client, name):
+            with contextlib.suppress(docker.errors.APIError):
+                client.images.remove(old, noprune=False)
+    for line in stand_in_report(client, missing):
+        report(line)
+    report(f"images ready {time.monotonic() - started:.0f} s after the start")
+
+
 @dataclass
 class Stack:
-    """The compose project the Docker tests share: images built, then `up` of the default profile."""
+    """One compose project: `up` of the default profile, on a loopback port of its own."""
 
     engine: DockerEngine
     compose: Compose
@@ -526,63 +571,16 @@ class Stack:
         return self.engine.client
 
     @classmethod
-    def build(cls, engine: DockerEngine, tmp: Path) -> Stack:
-        """Base images (stand-ins where missing), the package mirror, then both chargen images with
-        `docker compose build`, through the compose file's build arguments."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        binary = compose_binary()
+    def create(cls, engine: DockerEngine, tmp: Path, name: str) -> Stack:
         port = free_port()
-        env_file = tmp / "empty.env"  # instead of a developer's .env in the repository
-        env_file.write_text("")
-        env = {"CHARGEN_LB_PUBLISH": f"127.0.0.1:{port}", "COMPOSE_BAKE": "false"}
-        compose = Compose(binary, f"chargen-test-{os.getpid()}", env_file, env)
-        client = engine.client
-        started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="chargen-docker-") as work, ThreadPoolExecutor(len(STAND_INS)) as pool:
-            missing = [s for s in STAND_INS if needs_building(client, s)]
-            building = {s.image: pool.submit(build_stand_in, client, s, Path(work)) for s in missing}
-            python_image = dockerfile_arg("PYTHON_IMAGE")
-            if python_image in building:
-                building[python_image].result()
-            mirror = PackageMirror(Path(work) / "mirror")
-            mirror.download(client, python_image)
-            report(
-                f"package mirror: {len(list((mirror.root / 'files').iterdir()))} wheels, ready after "
-                f"{time.monotonic() - started:.0f} s"
-            )
-            previous = {name: image_id(client, name) for name in (RUNTIME_IMAGE, TRAIN_CPU_IMAGE)}
-            with mirror.serving() as url:
-                build_started = time.monotonic()
-                compose(
-                    "--profile",
-                    "train",
-                    "build",
-                    "api",
-                    "trainer",
-                    train_cpu=True,
-                    timeout=1800,
-                    PIP_INDEX_URL=url,
-                    TORCH_CPU_INDEX_URL=url,
-                    CHARGEN_BUILD_NETWORK="host",
-                )
-                report(f"docker compose build api trainer (train-cpu): {time.monotonic() - build_started:.0f} s")
-            for future in building.values():
-                future.result()
-        for name, old in previous.items():  # an older build of the same tag: drop it, not the cache
-            if old is not None and old != image_id(client, name):
-                with contextlib.suppress(docker.errors.APIError):
-                    client.images.remove(old, noprune=False)
-        for line in stand_in_report(client, missing):
-            report(line)
-        report(f"images ready {time.monotonic() - started:.0f} s after the start")
+        compose = project_compose(tmp, f"chargen-test-{os.getpid()}-{name}", CHARGEN_LB_PUBLISH=f"127.0.0.1:{port}")
         return cls(engine, compose, f"http://127.0.0.1:{port}")
 
     def up(self) -> None:
         started = time.monotonic()
         self.compose("up", "--detach", "--wait", "--no-build", timeout=600)
         self.healthy_after_s = time.monotonic() - started
-        report(f"docker compose up --wait: every service healthy after {self.healthy_after_s:.1f} s")
+        report(f"{self.compose.project}: every service healthy {self.healthy_after_s:.1f} s after `up --wait`")
 
     def ensure_healthy(self) -> None:
         """Bring back whatever an earlier test stopped or killed (a no-op when all is up)."""
@@ -593,6 +591,8 @@ class Stack:
         self.compose("--profile", "train", "down", "--volumes", "--remove-orphans", "--timeout", "30", timeout=300)
         left = self.compose.leftovers(self.client)
         assert not left, f"the Docker tests left behind: {left}"
+        if STARTED:
+            report(f"{self.compose.project} removed; Docker part so far: {time.monotonic() - STARTED[0]:.0f} s")
 
 
 def image_id(client: docker.DockerClient, name: str) -> str | None:
