@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import gc
 import logging
 import socket
@@ -224,10 +225,16 @@ def run(host: str | None = None, port: int | None = None, model: str | None = No
         print(f"chargen: error: {err}", file=sys.stderr)
         return 2
     app = create_app(settings, loaded)
+    # uvicorn configures only its own loggers: without a handler of their own, the service's info
+    # lines (what it serves, the drain on SIGTERM) went nowhere. They print as uvicorn's do.
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    own = {"handlers": ["default"], "level": settings.log_level.upper(), "propagate": False}
+    log_config["loggers"]["chargen"] = own
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        log_config=log_config,
         log_level=settings.log_level,
         # access lines are info messages: above info they would be formatted only to be dropped
         access_log=settings.log_level.lower() in ("trace", "debug", "info"),

@@ -20,12 +20,14 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from hypothesis import configuration as hypothesis_configuration
 from hypothesis import settings as hypothesis_settings
 
+from tests import docker_support
 from tests.redis_support import LocalCluster
 from training.config import TrainConfig
 from training.export import export
@@ -152,3 +154,58 @@ def client() -> Iterator[httpx.Client]:
     """A plain HTTP client for talking to a test server."""
     with httpx.Client(timeout=60) as c:
         yield c
+
+
+# --- a real Docker engine (tests/test_docker_*.py; the machinery is in tests/docker_support.py) ---
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[docker_support.DockerEngine]:
+    """The Docker daemon, started here if none runs. Without one the Docker tests skip, saying why;
+    with CHARGEN_REQUIRE_DOCKER=1 (the README's test command, hence CI) they fail instead."""
+    try:
+        engine = docker_support.DockerEngine(tmp_path_factory.mktemp("dockerd"))
+    except docker_support.DockerUnavailable as err:
+        if docker_support.REQUIRE_DOCKER:
+            pytest.fail(f"CHARGEN_REQUIRE_DOCKER=1 but {err}")
+        pytest.skip(str(err))
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_images(docker_engine: docker_support.DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Both images built from the repository's Dockerfile, once per run (tests/docker_support.py)."""
+    try:
+        docker_support.build_images(docker_engine, tmp_path_factory.mktemp("compose-build"))
+    except docker_support.DockerUnavailable as err:
+        if docker_support.REQUIRE_DOCKER:
+            pytest.fail(f"CHARGEN_REQUIRE_DOCKER=1 but {err}")
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="module")
+def docker_stack(
+    docker_engine: docker_support.DockerEngine,
+    docker_images: None,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[docker_support.Stack]:
+    """`docker compose up` of the default profile, a project per test module (its own containers,
+    network and volumes), removed when the module's tests are done, with a check that nothing is left."""
+    name = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_docker_")
+    stack = docker_support.Stack.create(docker_engine, tmp_path_factory.mktemp("compose"), name)
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.remove()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if docker_support.REPORT:
+        terminalreporter.section("Docker: images and stack, as measured in this run")
+        for line in docker_support.REPORT:
+            terminalreporter.write_line(line)

@@ -166,3 +166,41 @@ def export_random_model(out: Path, vocab: list[str], seed: int, layers: int = 2,
     with jit_deprecation_accepted():
         torch.jit.save(scripted, str(out), _extra_files={"meta.json": json.dumps(meta)})
     return out
+
+
+def read_stream(url: str, body: dict[str, Any]) -> list[tuple[float, bytes]]:
+    """POST a streaming request; every read from the socket with its arrival time since the start."""
+    chunks: list[tuple[float, bytes]] = []
+    started = time.monotonic()
+    with httpx.Client(timeout=60) as client, client.stream("POST", f"{url}/v1/generate", json=body) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for raw in response.iter_raw():  # raw socket reads: no re-chunking by the client
+            chunks.append((time.monotonic() - started, raw))
+    return chunks
+
+
+def assert_streamed_as_produced(url: str, chars: int) -> None:
+    """A stream through a proxy arrives as it is generated, not buffered until its end."""
+    body = {"prompt": "ROMEO:", "max_new_chars": chars, "temperature": 1.0, "seed": 7, "stream": True}
+    chunks = read_stream(url, body)
+
+    events = [line for _, raw in chunks for line in raw.decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    text = "".join(json.loads(e[6:]).get("text", "") for e in events[:-1] if e != "data: [DONE]")
+    assert len(text) == chars
+
+    with_text = [t for t, raw in chunks if b'"text"' in raw]
+    first, last = with_text[0], chunks[-1][0]
+    # Buffered to the end, everything would come in one or two reads at the very end. Streamed,
+    # characters arrive over the whole generation: many reads, the first early, with gaps between.
+    assert len(with_text) >= 10, (
+        f"only {len(with_text)} reads carried text: {[(round(t, 3), len(r)) for t, r in chunks]}"
+    )
+    assert last > 0.05, f"generation took {last:.3f}s: too fast to tell streaming from buffering"
+    assert first < 0.5 * last, f"first text after {first:.3f}s of {last:.3f}s: held back by the proxy"
+    # Reads come in bursts (several events per engine tick), so count where they fall rather than
+    # gaps between them: text arrives in both halves of the generation, not all at its end.
+    middle = (first + last) / 2
+    early, late = sum(t < middle for t in with_text), sum(t >= middle for t in with_text)
+    assert early >= 3 and late >= 3, f"reads not spread out in time: {early} before {middle:.3f}s, {late} after"

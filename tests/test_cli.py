@@ -137,6 +137,21 @@ def test_a_plain_scripted_module_is_not_our_artifact(tmp_path: Path) -> None:
     assert_usage_error(chargen("sample", str(path)), "not a chargen model")
 
 
+def test_train_without_the_train_extra_says_how_to_install_it(tmp_path: Path) -> None:
+    # As in the api image or after `pip install chargen`: no matplotlib, no tqdm. Fails at once,
+    # before reading the corpus or creating --out.
+    hide = "import sys; sys.modules['matplotlib'] = sys.modules['tqdm'] = None; from training.cli import main; main()"
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", hide, "train", "--corpus", str(tmp_path / "none.txt"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_usage_error(result, "train needs the train extra (matplotlib, tqdm missing): pip install 'chargen[train]'")
+    assert not out.exists()
+
+
 def test_train_then_resume_mismatch_leaves_the_run_untouched(tmp_path: Path) -> None:
     corpus = tmp_path / "plays.txt"
     corpus.write_text(make_corpus_text(6000))

@@ -7,6 +7,7 @@ The processes the compose file describes are run for real in tests/test_deploy_t
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -18,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 from docker.utils.build import PatternMatcher, exclude_paths
+
+from tests import docker_support
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -63,6 +66,12 @@ def stage(name: str) -> list[tuple[str, str]]:
             out.append((word, rest))
     assert out, f"no stage {name!r} in the Dockerfile"
     return out
+
+
+def stage_bases() -> dict[str, str]:
+    """Each named stage and the image or stage it starts FROM."""
+    froms = [rest.split() for word, rest in dockerfile_instructions() if word == "FROM"]
+    return {f[-1]: f[0] for f in froms if len(f) == 3 and f[1].upper() == "AS"}
 
 
 # --- Dockerfile ---------------------------------------------------------------------------------
@@ -115,7 +124,11 @@ def test_service_gets_cpu_torch_and_training_gets_the_cuda_build() -> None:
         runs = [rest for word, rest in stage(name) if word == "RUN"]
         assert any("pip install" in r and "/wheels/chargen-" in r for r in runs), name
         assert not any(" -e " in r or "--editable" in r for r in runs), name
-    assert any(word == "ENTRYPOINT" and "train-job" in rest for word, rest in stage("train"))
+    # Both training images (GPU and CPU torch) are the same job on a different virtualenv.
+    assert any(word == "ENTRYPOINT" and "train-job" in rest for word, rest in stage("job"))
+    bases = stage_bases()
+    assert bases["train"] == bases["train-cpu"] == "job"
+    assert ("COPY", "--from=train-venv /opt/venv /opt/venv") in stage("train")
 
 
 # --- .dockerignore ------------------------------------------------------------------------------
@@ -155,18 +168,64 @@ def test_build_context_leaves_out_data_runs_venv_and_caches() -> None:
 # --- docker-compose.yml -------------------------------------------------------------------------
 
 
-def test_compose_config_is_valid_for_docker_compose() -> None:
-    binary = shutil.which("docker-compose")
-    if binary is None:
-        pytest.skip("docker-compose not installed (Debian: apt-get install --no-install-recommends docker-compose)")
-    for extra in ([], ["--profile", "train"]):  # the trainer too, not just the default services
-        result = subprocess.run(
-            [binary, "--project-directory", str(ROOT), "-f", str(COMPOSE), *extra, "config", "-q"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+def compose_v2(tmp_path: Path) -> docker_support.Compose:
+    """The compose v2 binary on the repository's files; `config` needs no Docker engine."""
+    try:
+        binary = docker_support.compose_binary()
+    except docker_support.DockerUnavailable as err:
+        pytest.fail(str(err))
+    empty_env = tmp_path / "empty.env"
+    empty_env.write_text("")
+    return docker_support.Compose(binary, "chargen-config", empty_env, {})
+
+
+def test_compose_config_is_valid_for_docker_compose_v2(tmp_path: Path) -> None:
+    compose_v2_ = compose_v2(tmp_path)
+    # The trainer too (GPU and CPU), not just the default services.
+    for extra, train_cpu in (([], False), (["--profile", "train"], False), (["--profile", "train"], True)):
+        result = compose_v2_(*extra, "config", "--quiet", train_cpu=train_cpu, check=False)
         assert result.returncode == 0, result.stderr
+
+
+def compose_config(compose: docker_support.Compose, train_cpu: bool = False, **env: str) -> dict[str, Any]:
+    args = ["--profile", "train", "config", "--format", "json"]
+    return json.loads(compose(*args, train_cpu=train_cpu, **env).stdout)
+
+
+def test_builds_take_a_mirror_from_the_environment_and_nothing_else(tmp_path: Path) -> None:
+    compose = compose_v2(tmp_path)
+    for name in ("api", "trainer"):  # unset: no build argument, so the Dockerfile's defaults apply
+        build = compose_config(compose)["services"][name]["build"]
+        assert "args" not in build and build["network"] == "default", build
+    mirror = {
+        "PYTHON_IMAGE": "mirror.example/python:3.11.13-slim-bookworm",
+        "PIP_INDEX_URL": "https://mirror.example/pypi/simple",
+        "TORCH_CPU_INDEX_URL": "https://mirror.example/torch-cpu/simple",
+        "TORCH_CUDA_INDEX_URL": "https://mirror.example/torch-cu128/simple",
+    }
+    config = compose_config(compose, **mirror, CHARGEN_BUILD_NETWORK="host")
+    for name in ("api", "trainer"):
+        assert config["services"][name]["build"]["args"] == mirror
+        assert config["services"][name]["build"]["network"] == "host"
+    # Each argument is one the Dockerfile declares, with the default a user gets without a mirror.
+    for arg in mirror:
+        assert docker_support.dockerfile_arg(arg).startswith(
+            ("python:", "https://pypi.org/", "https://download.pytorch.org/")
+        )
+
+
+def test_the_cpu_trainer_override_keeps_the_job_and_drops_only_the_gpu(tmp_path: Path) -> None:
+    compose = compose_v2(tmp_path)
+    gpu = compose_config(compose)["services"]["trainer"]
+    cpu = compose_config(compose, train_cpu=True)["services"]["trainer"]
+    assert gpu["build"]["target"] == "train" and cpu["build"]["target"] == "train-cpu"
+    assert "deploy" in gpu and "deploy" not in cpu  # no GPU reservation: runs on any host
+    assert cpu["command"][cpu["command"].index("--config") + 1] == "configs/tinyshakespeare-cpu.toml"
+    same = ("volumes", "environment", "stop_grace_period", "profiles", "restart")
+    assert {k: cpu[k] for k in same} == {k: gpu[k] for k in same}
+    # The override runs what the train-cpu image runs by itself.
+    (image_cmd,) = [json.loads(rest) for word, rest in stage("train-cpu") if word == "CMD"]
+    assert image_cmd == cpu["command"]
 
 
 def test_compose_file_matches_the_compose_spec_schema() -> None:
@@ -200,7 +259,7 @@ def test_compose_topology_is_what_the_docs_describe() -> None:
     lb = services["lb"]
     assert lb["image"].startswith("nginx:")
     assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in lb["volumes"]
-    assert "8000:8000" in lb["ports"]
+    assert lb["ports"] == ["${CHARGEN_LB_PUBLISH:-8000}:8000"]  # host port 8000 unless told otherwise
 
     trainer = services["trainer"]
     assert trainer["profiles"] == ["train"]

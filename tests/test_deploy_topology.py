@@ -35,6 +35,8 @@ import httpx
 import pytest
 import yaml
 
+from tests.service_support import assert_streamed_as_produced
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
@@ -301,41 +303,8 @@ def test_session_continues_on_whichever_replica_serves(topology: Topology) -> No
     assert set(served) == replica_addrs, f"nginx sent the session to {served}"
 
 
-def read_stream(url: str, body: dict[str, Any]) -> tuple[float, list[tuple[float, bytes]]]:
-    """POST a streaming request; the arrival time of every read from the socket, and the start."""
-    chunks: list[tuple[float, bytes]] = []
-    started = time.monotonic()
-    with httpx.Client(timeout=60) as client, client.stream("POST", f"{url}/v1/generate", json=body) as response:
-        assert response.status_code == 200, response.read()
-        assert response.headers["content-type"].startswith("text/event-stream")
-        for raw in response.iter_raw():  # raw socket reads: no re-chunking by the client
-            chunks.append((time.monotonic() - started, raw))
-    return started, chunks
-
-
 def test_streamed_characters_arrive_through_nginx_as_they_are_produced(topology: Topology) -> None:
-    body = {"prompt": "ROMEO:", "max_new_chars": 1500, "temperature": 1.0, "seed": 7, "stream": True}
-    _, chunks = read_stream(topology.lb, body)
-
-    events = [line for _, raw in chunks for line in raw.decode().splitlines() if line.startswith("data: ")]
-    assert events[-1] == "data: [DONE]"
-    text = "".join(json.loads(e[6:]).get("text", "") for e in events[:-1] if e != "data: [DONE]")
-    assert len(text) == 1500
-
-    with_text = [t for t, raw in chunks if b'"text"' in raw]
-    first, last = with_text[0], chunks[-1][0]
-    # Buffered to the end, everything would come in one or two reads at the very end. Streamed,
-    # characters arrive over the whole generation: many reads, the first early, with gaps between.
-    assert len(with_text) >= 10, (
-        f"only {len(with_text)} reads carried text: {[(round(t, 3), len(r)) for t, r in chunks]}"
-    )
-    assert last > 0.05, f"generation took {last:.3f}s: too fast to tell streaming from buffering"
-    assert first < 0.5 * last, f"first text after {first:.3f}s of {last:.3f}s: held back by the proxy"
-    # Reads come in bursts (several events per engine tick), so count where they fall rather than
-    # gaps between them: text arrives in both halves of the generation, not all at its end.
-    middle = (first + last) / 2
-    early, late = sum(t < middle for t in with_text), sum(t >= middle for t in with_text)
-    assert early >= 3 and late >= 3, f"reads not spread out in time: {early} before {middle:.3f}s, {late} after"
+    assert_streamed_as_produced(topology.lb, chars=1500)
 
 
 def test_healthchecks_of_the_images_pass_against_the_running_processes(topology: Topology) -> None:

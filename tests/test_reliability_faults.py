@@ -7,6 +7,7 @@ PID to SIGKILL it and its data directory to restart it with the same append-only
 
 from __future__ import annotations
 
+import re
 import secrets
 import signal
 import threading
@@ -222,6 +223,13 @@ def test_sigterm_drains_running_streams_saves_their_sessions_and_exits_0(
 
         assert proc.wait(drain_s + 20) == 0
         assert time.monotonic() - signalled >= drain_s - 1  # it waited for the long stream
+        # What an operator sees of it (`docker compose logs api`): the service's own log lines,
+        # formatted like uvicorn's, not only uvicorn's "Shutting down".
+        log = proc.stderr.read().decode()  # type: ignore[union-attr]
+        # 2 streams, 3 when the first 5-character probe above reached it before the signal was handled
+        assert re.search(rf"^INFO:     draining: [23] generation\(s\) running, up to {drain_s} s$", log, re.M), log
+        assert "WARNING:  drain timeout: stopping 1 generation(s), saving what was sent\n" in log
+        assert "INFO:     drained; shutting down\n" in log
         short_thread.join(10)
         long_thread.join(10)
     finally:

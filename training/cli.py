@@ -7,6 +7,7 @@ stderr and exit code 2, with nothing overwritten.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import signal
 import sys
 from dataclasses import fields
@@ -43,12 +44,31 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_train)
 
 
+TRAIN_EXTRA = ("matplotlib", "tqdm")  # pyproject's `train` extra: the loss plot, the progress bar
+
+
+def check_train_extra() -> None:
+    """Before any work: a service-only install (`pip install chargen`, the api image) has no
+    plotting library, and would otherwise fail at the first evaluation."""
+    missing = []
+    for name in TRAIN_EXTRA:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # ValueError: present in sys.modules as None
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise UsageError(f"train needs the train extra ({', '.join(missing)} missing): pip install 'chargen[train]'")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from training.config import TrainConfig, load_config
     from training.distributed import teardown
     from training.export import export
     from training.train import RunFiles, train
 
+    check_train_extra()
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     config = load_config(args.config, overrides)
     files = RunFiles(Path(config.out))
