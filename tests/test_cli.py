@@ -140,7 +140,10 @@ def test_a_plain_scripted_module_is_not_our_artifact(tmp_path: Path) -> None:
 def test_train_without_the_train_extra_says_how_to_install_it(tmp_path: Path) -> None:
     # As in the api image or after `pip install chargen`: no matplotlib, no tqdm. Fails at once,
     # before reading the corpus or creating --out.
-    hide = "import sys; sys.modules['matplotlib'] = sys.modules['tqdm'] = None; from training.cli import main; main()"
+    hide = (
+        "import sys; sys.modules['matplotlib'] = sys.modules['tqdm'] = None; "
+        "from chargen.cli import main; raise SystemExit(main())"
+    )
     out = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-c", hide, "train", "--corpus", str(tmp_path / "none.txt"), "--out", str(out)],
