@@ -27,6 +27,7 @@ class Settings(BaseSettings):
         "memory://",
         description="memory://, redis://[user:password@]host:port/db (rediss://: TLS), or a Redis Cluster: "
         "redis+cluster://host:port[,host:port...]/ (docs/scaling.md)",
+        repr=False,  # it may hold a password: a Settings object is shown in tracebacks and debug logs
     )
     state_password_file: Path | None = Field(None, description="Redis password read from this file (a secret)")
     state_tls_ca_file: Path | None = Field(None, description="CA certificates that rediss:// servers must chain to")

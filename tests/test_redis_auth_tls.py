@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.settings import Settings
 from tests.redis_support import CHARGEN_ACL, RedisServer, TlsFiles, make_tls_files
 from tests.service_support import CHARGEN, ServerProcess, ServerThread, generate, new_session, wait_until
 
@@ -160,3 +161,11 @@ def test_rediss_to_a_tls_only_server(tiny_artifact: Path, tls_redis: tuple[Redis
         with ServerThread(state_url=server.url.replace("rediss://", "redis://"), **settings) as srv:
             ready = http.get(srv.url + "/readyz")
             assert ready.status_code == 503 and ready.json()["checks"]["store"].startswith("unavailable"), ready.text
+
+
+def test_the_settings_object_never_shows_the_store_password() -> None:
+    # A Settings object ends up in tracebacks, debuggers and log lines (`log.debug("%r", settings)`).
+    settings = Settings(state_url="redis://chargen:s3cret-pw@127.0.0.1:6379/0")
+    assert "s3cret-pw" not in repr(settings)
+    assert "s3cret-pw" not in str(settings)
+    assert settings.state_url == "redis://chargen:s3cret-pw@127.0.0.1:6379/0"  # still there for the store
