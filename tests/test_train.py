@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,33 @@ def test_the_loop_reads_values_to_the_host_only_at_log_and_eval_steps(corpus_fil
     # Step 1 also counts the set-up; the last step (30) is not followed by should_stop.
     steps_with_reads = [s for s in range(2, 30) if reads_by[s] > reads_by[s - 1]]
     assert steps_with_reads == [10, 15, 20]  # the log steps 10, 20 and the evaluation at 15
+
+
+def test_a_one_layer_checkpoint_from_before_w_below_was_empty_still_loads(corpus_file: Path, tmp_path: Path) -> None:
+    # Before 0.1's trainer fixes, a one-layer model kept an unused [1, H, 4H] w_below (DDP failed on
+    # it). Such weights still export, with the same fingerprint, and resume.
+    from training.export import export
+
+    out = tmp_path / "run"
+    train(tiny_config(corpus_file, out, layers=1, max_steps=4, eval_interval=4), progress_tty=False)
+    current = out / "model.pt"
+    export(out / "last.pt", current)
+    saved = load_checkpoint(out / "last.pt")
+    hidden = saved["model_config"]["hidden"]
+    saved["model"]["w_below"] = torch.zeros(1, hidden, 4 * hidden)
+    torch.save(saved, out / "last.pt")
+
+    meta = export(out / "last.pt", tmp_path / "old.pt")
+    assert meta["fingerprint"] == json.loads(_meta_of(current))["fingerprint"]
+    resumed = train(
+        tiny_config(corpus_file, out, layers=1, max_steps=4, eval_interval=4), resume=True, progress_tty=False
+    )
+    assert resumed.step == 4 and not resumed.interrupted
+
+
+def _meta_of(artifact: Path) -> str:
+    extra = {"meta.json": ""}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.jit.load(str(artifact), _extra_files=extra)
+    return extra["meta.json"]

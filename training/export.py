@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from chargen.artifact import ARTIFACT_FORMAT, ARTIFACT_METHODS, jit_deprecation_accepted
-from training.model import CharLSTM, ModelConfig, count_parameters
+from training.model import CharLSTM, ModelConfig, count_parameters, upgrade_state_dict
 from training.train import LN2, atomic_write_bytes, load_checkpoint, weights_fingerprint
 
 
@@ -58,7 +58,7 @@ def build_meta(model: CharLSTM, checkpoint: dict[str, Any]) -> dict[str, Any]:
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> CharLSTM:
     config = ModelConfig(**checkpoint["model_config"])
     model = CharLSTM(config)
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(upgrade_state_dict(checkpoint["model"], config.layers))
     return model.eval()
 
 

@@ -225,5 +225,17 @@ class CharLSTM(nn.Module):
         )
 
 
+def upgrade_state_dict(state: dict[str, Tensor], layers: int) -> dict[str, Tensor]:
+    """Weights saved by an earlier trainer, in today's shapes.
+
+    Before W_below became empty for a one-layer model it was an unused [1, H, 4H] tensor; dropping
+    it changes nothing the model computes.
+    """
+    below = state.get("w_below")
+    if layers == 1 and below is not None and below.shape[0] == 1:
+        state = {**state, "w_below": below[:0]}
+    return state
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -22,7 +22,7 @@ from training.config import ConfigError, TrainConfig
 from training.data import Corpus, CorpusError, StreamBatcher, Vocab, eval_streams, load_corpus, split
 from training.distributed import Dist, setup, torchrun_ranks
 from training.fast_layer import compiled_cells
-from training.model import CharLSTM, ModelConfig, count_parameters
+from training.model import CharLSTM, ModelConfig, count_parameters, upgrade_state_dict
 
 LN2 = math.log(2.0)
 EVAL_STREAMS = 64  # rows the validation text is cut into for stateful evaluation
@@ -338,7 +338,7 @@ def train(
     history = History()
     step, best_val, evals_without_improvement = 0, math.inf, 0
     if saved is not None:
-        model.load_state_dict(saved["model"])
+        model.load_state_dict(upgrade_state_dict(saved["model"], config.layers))
         try:
             optimizer.load_state_dict(saved["optimizer"])
         except ValueError:  # its parameter groups differ: written before they were chosen by name
