@@ -36,6 +36,9 @@ class GenerationSpec:
     session_id: str | None = None
     stream: bool = False
     owner: str | None = None  # the caller's API key owner id (None: keys not configured)
+    n: int = 1  # choices, each its own generation from the prompt read once
+    logprobs: int | None = None  # None: none; k: each character's log-probability and the top k
+    echo: bool = False  # the prompt is returned before each choice's text (scored with logprobs)
 
 
 class Generations:
@@ -64,6 +67,16 @@ class Generations:
 
     def validate(self, spec: GenerationSpec, prompt_param: str = "prompt", max_param: str = "max_new_chars") -> None:
         s = self.settings
+        if not 1 <= spec.n <= s.max_n:
+            raise Problem("too_many_choices", f"n: {spec.n} is not between 1 and {s.max_n} (CHARGEN_MAX_N)", "n")
+        if spec.n > 1 and spec.session_id is not None:
+            message = "n: a session has one text, so n > 1 cannot continue it; leave out session_id or send n=1"
+            raise Problem("choices_with_session", message, "n")
+        vocab = len(self.model.vocab)
+        for char_id, _ in spec.params.logit_bias:
+            if not 0 <= char_id < vocab:
+                message = f"logit_bias: {char_id} is not a character id (0..{vocab - 1}, see /v1/models' vocab)"
+                raise Problem("unknown_token", message, "logit_bias")
         if len(spec.prompt) > s.max_prompt_chars:
             message = f"{prompt_param}: {len(spec.prompt)} characters, more than the limit of {s.max_prompt_chars}"
             raise Problem("prompt_too_long", message, prompt_param)
@@ -85,31 +98,35 @@ class Generations:
 
     async def start(self, spec: GenerationSpec, received_at: float | None = None) -> Job:
         """Take the session (if any), queue the row; raises a Problem when it cannot run."""
+        return (await self.start_choices(spec, received_at))[0]
+
+    async def start_choices(self, spec: GenerationSpec, received_at: float | None = None) -> list[Job]:
+        """`start` for a request of ``spec.n`` choices: one job per choice, in order."""
         if self.draining:
             raise Problem("draining", "the service is shutting down; retry on another replica", retry_after_s=1)
         limit = self.settings.max_streams_per_key
-        if spec.owner is not None and limit and self._per_owner.get(spec.owner, 0) >= limit:
+        if spec.owner is not None and limit and self._per_owner.get(spec.owner, 0) + spec.n > limit:
             message = f"this API key already runs {limit} generations at once (the limit); retry when one ends"
             raise Problem("key_stream_limit", message, retry_after_s=self.settings.retry_after_s)
         # Take the key's slot before the first await, so concurrent requests cannot all pass the check.
-        self._take_slot(spec.owner)
+        self._take_slot(spec.owner, spec.n)
         try:
             return await self._start(spec, received_at)
         except BaseException:
-            self._free_slot(spec.owner)
+            self._free_slot(spec.owner, spec.n)
             raise
 
-    def _take_slot(self, owner: str | None) -> None:
+    def _take_slot(self, owner: str | None, slots: int = 1) -> None:
         if owner is not None:
-            self._per_owner[owner] = self._per_owner.get(owner, 0) + 1
+            self._per_owner[owner] = self._per_owner.get(owner, 0) + slots
 
-    def _free_slot(self, owner: str | None) -> None:
+    def _free_slot(self, owner: str | None, slots: int = 1) -> None:
         if owner is not None:
-            left = self._per_owner.pop(owner) - 1
+            left = self._per_owner.pop(owner) - slots
             if left:
                 self._per_owner[owner] = left
 
-    async def _start(self, spec: GenerationSpec, received_at: float | None) -> Job:
+    async def _start(self, spec: GenerationSpec, received_at: float | None) -> list[Job]:
         sid, token, state = spec.session_id, None, None
         if sid is not None:
             token, blob = await take_lease(self.store, sid, spec.owner)
@@ -124,6 +141,9 @@ class Generations:
                 state=state,
                 auto_ack=not spec.stream,
                 want_state=token is not None,
+                n=spec.n,
+                logprobs=spec.logprobs,
+                score_prompt=spec.echo and spec.logprobs is not None,
             )
             try:
                 handle = self.engine.submit(request)
@@ -136,7 +156,13 @@ class Generations:
             if sid is not None and token is not None:
                 await release_quietly(self.store, sid, token)
             raise
-        job = Job(self.store, self.settings, self.metrics, spec, handle, token, received_at or time.perf_counter())
+        received = received_at or time.perf_counter()
+        return [
+            self._run(Job(self.store, self.settings, self.metrics, spec, h, token if i == 0 else None, received))
+            for i, h in enumerate([handle, *handle.siblings])  # only n=1 has a session (validate)
+        ]
+
+    def _run(self, job: Job) -> Job:
         task = asyncio.get_running_loop().create_task(job.finalize())
         self._tasks.add(task)
         self._jobs.add(job)
@@ -144,7 +170,7 @@ class Generations:
         def done(task: asyncio.Task[Outcome]) -> None:
             self._tasks.discard(task)
             self._jobs.discard(job)
-            self._free_slot(spec.owner)  # the slot taken in start()
+            self._free_slot(job.spec.owner)  # one of the slots taken in start_choices()
 
         task.add_done_callback(done)
         job.attach(task)

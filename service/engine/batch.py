@@ -11,6 +11,8 @@ from torch import Tensor
 
 from service.artifact import LoadedModel
 from service.engine.config import EngineConfig
+from service.engine.logprobs import batch_top_n
+from service.engine.requests import Score
 from service.engine.row import STEP_FEED, Row
 from service.sampling import BatchParams
 
@@ -54,6 +56,8 @@ class Batch:
     sources_c: list[Tensor]
     runs: Runs
     params: BatchParams
+    top_n: int  # alternatives its step reports with each pick's log-probability; -1: none (logprobs.py)
+    scores: list[list[Score]] | None = None  # per step, per row: filled by the step when top_n >= 0
 
 
 class BatchBuilder:
@@ -105,11 +109,12 @@ class BatchBuilder:
                 runs.append((len(sources_h), 0, pad))
                 sources_h.append(ph)
                 sources_c.append(pc)
-            params = BatchParams.of([r.params for r in rows], len(self.model.vocab))
-        assert params is not None
+            params = None
+        if params is None or any(r.penalized for r in rows):  # a penalty changes with every pick
+            params = BatchParams.of([r.params for r in rows], len(self.model.vocab), [r.adjust for r in rows])
         feed = [r.to_feed[r.fed] if f else r.pending for r, f in zip(rows, feeding, strict=True)] + [0] * pad
         tokens = torch.from_numpy(np.array(feed, dtype=np.int64))  # a third of torch.tensor(list)'s cost
-        return Batch(rows, feeding, steps, exact, tokens, sources_h, sources_c, runs, params)
+        return Batch(rows, feeding, steps, exact, tokens, sources_h, sources_c, runs, params, batch_top_n(rows))
 
     def stepped(self, batch: Batch, h: Tensor, c: Tensor) -> None:
         """The batch ran; (h, c) is its last step's output, the next tick's input if it is the same."""
@@ -122,8 +127,8 @@ class BatchBuilder:
 
     def _steps_for(self, rows: list[Row], feeding: list[bool]) -> int:
         steps = self.decode_steps
-        if steps == 1 or len(rows) > self.multi_step_rows or any(feeding):
-            return 1
+        if steps == 1 or len(rows) > self.multi_step_rows or any(feeding) or any(r.penalized for r in rows):
+            return 1  # a penalized row's next logits depend on its last pick: one step per tick
         for row in rows:
             if not row.sampled:  # its first character goes out after one step, not after `steps`
                 return 1
