@@ -130,7 +130,6 @@ class StepSampler(nn.Module):
         _, h2, c2 = self.model.forward(tokens, h[:, row : row + 1], c[:, row : row + 1])
         return h2, c2
 
-
     @torch.jit.export
     def prefill_scored(
         self, tokens: Tensor, h: Tensor, c: Tensor, row: int, targets: Tensor, top_n: int

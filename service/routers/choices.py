@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.engine.requests import Score
+from service.errors import ApiError
 from service.job import Job
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM reports this floor
@@ -80,3 +81,16 @@ class StreamedLogprobs:
         self.used += len(text)
         self.offset += len(text)
         return result
+
+
+def parse_logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias (token id as a string -> -100..100) as (character id, bias) pairs; the
+    ids' range is checked against the model's vocabulary in `Generations.validate`."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        if not key.strip().lstrip("-").isdigit():
+            raise ApiError(400, f"logit_bias: key {key!r} is not a token id", "logit_bias", "invalid_value")
+        if not -100 <= value <= 100:
+            raise ApiError(400, f"logit_bias: {value} for {key!r} is not in -100..100", "logit_bias", "invalid_value")
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)

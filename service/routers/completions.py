@@ -16,7 +16,7 @@ from service.dependencies import GenerationsDep, ModelDep
 from service.errors import ApiError
 from service.generation import GenerationSpec
 from service.job import Job
-from service.routers.choices import StreamedLogprobs, choice_logprobs, echoed
+from service.routers.choices import StreamedLogprobs, choice_logprobs, echoed, parse_logit_bias
 from service.routers.results import collect_all, stream_all
 from service.sampling import SamplingParams
 from service.sse import EventStreamResponse
@@ -86,19 +86,6 @@ class CompletionRequest(BaseModel):
             logprobs=self.logprobs,
             echo=bool(self.echo),
         )
-
-
-def parse_logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
-    """OpenAI's logit_bias (token id as a string -> -100..100) as (character id, bias) pairs; the
-    ids' range is checked against the model's vocabulary in `Generations.validate`."""
-    pairs = []
-    for key, value in (bias or {}).items():
-        if not key.strip().lstrip("-").isdigit():
-            raise ApiError(400, f"logit_bias: key {key!r} is not a token id", "logit_bias", "invalid_value")
-        if not -100 <= value <= 100:
-            raise ApiError(400, f"logit_bias: {value} for {key!r} is not in -100..100", "logit_bias", "invalid_value")
-        pairs.append((int(key), float(value)))
-    return tuple(pairs)
 
 
 def check_model(requested: str, model: LoadedModel) -> None:
