@@ -187,3 +187,24 @@ def test_generate_has_the_same_capabilities_under_its_names(client: openai.OpenA
             texts[e["index"]] += e["text"]
     assert texts == [c["text"] for c in native["choices"]]
     assert sorted(e["index"] for e in parsed if "finish_reason" in e) == [0, 1, 2]
+
+
+def test_vllms_sampling_extras_we_lack_are_refused_and_usage_can_be_streamed(
+    client: openai.OpenAI, server: ServerThread
+) -> None:
+    for name, value in (("min_p", 0.1), ("repetition_penalty", 1.2), ("use_beam_search", True)):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="model", prompt="hi", extra_body={name: value})
+        assert err.value.body["param"] == name  # type: ignore[index]
+    chunks = list(
+        client.completions.create(
+            model="model", prompt=PROMPT, max_tokens=7, n=2, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (6, 14)
+    with httpx.Client() as http:
+        vocab = http.get(server.url + "/v1/models").json()["data"][0]["vocab"]
+    ch = vocab[7]  # logit_bias's keys are indices into the model's vocab
+    forced = client.completions.create(model="model", prompt=PROMPT, max_tokens=5, logit_bias={"7": 100})
+    assert forced.choices[0].text == ch * 5

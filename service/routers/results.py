@@ -67,6 +67,7 @@ async def collect_all(jobs: list[Job], request: Request) -> list[tuple[str, Fini
 PieceEvent = Callable[[int, str], dict]  # (choice index, text piece) -> the event
 FinalEvent = Callable[[int, Finished], dict]
 OpeningEvent = Callable[[int], dict]  # a choice's first event (echo), sent before its first piece
+ClosingEvent = Callable[[list[Finished]], dict]  # one event after every choice's final one
 
 
 def stream(
@@ -77,7 +78,11 @@ def stream(
 
 
 def stream_all(
-    jobs: list[Job], piece_event: PieceEvent, final_event: FinalEvent, opening: OpeningEvent | None = None
+    jobs: list[Job],
+    piece_event: PieceEvent,
+    final_event: FinalEvent,
+    opening: OpeningEvent | None = None,
+    closing: ClosingEvent | None = None,
 ) -> EventStreamResponse:
     """A streamed request's choices as server-sent events: one per text piece of any choice as it
     comes (each choice's ``opening`` before its first: the engine has read its prompt by then),
@@ -88,11 +93,16 @@ def stream_all(
         for job in jobs:
             job.abandon()
 
-    return EventStreamResponse(job_events(jobs, piece_event, final_event, opening), on_close=abandon)
+    events = job_events(jobs, piece_event, final_event, opening, closing)
+    return EventStreamResponse(events, on_close=abandon)
 
 
 async def job_events(
-    jobs: list[Job], piece_event: PieceEvent, final_event: FinalEvent, opening: OpeningEvent | None
+    jobs: list[Job],
+    piece_event: PieceEvent,
+    final_event: FinalEvent,
+    opening: OpeningEvent | None,
+    closing: ClosingEvent | None,
 ) -> AsyncIterator[str]:
     unopened = set(range(len(jobs))) if opening is not None else set()
     # A piece counts as sent once the yield returns (the event was handed to the connection).
@@ -111,6 +121,8 @@ async def job_events(
             if i in unopened:
                 yield event(opening(i))  # type: ignore[misc, arg-type]
             yield event(final_event(i, outcome.finished))
+        if closing is not None:
+            yield event(closing([outcome.finished for outcome in outcomes]))
     yield DONE
 
 
