@@ -141,3 +141,22 @@ def test_chargen_sample_prints_what_the_api_returns_for_a_seed(tiny_artifact: Pa
         api = generate(client, server.url, max_new_chars=300, **settings)["text"]
     assert len(api) == 300
     assert cli == "KING:\n" + api + "\n"
+
+
+def test_choices_not_yet_forked_end_with_their_first_when_it_is_cancelled(model: LoadedModel) -> None:
+    async def scenario(engine: Engine) -> list[str]:
+        first = engine.submit(GenerationRequest(model.encode(PROMPT * 20), 50, SamplingParams(seed=1), n=3))
+        first.cancel()  # before its long prompt is read: no choice was forked yet
+        results = await asyncio.gather(first.finished, *(h.finished for h in first.siblings))
+        return [r.reason for r in results]
+
+    assert run(model, scenario, prefill_chunk=8) == ["cancelled", "cancelled", "cancelled"]
+
+
+def test_every_choice_of_an_empty_request_is_answered(model: LoadedModel) -> None:
+    async def scenario(engine: Engine) -> list[tuple[str, int]]:
+        first = engine.submit(GenerationRequest([], 0, SamplingParams(), n=4))  # nothing to read or write
+        results = await asyncio.gather(*(h.finished for h in [first, *first.siblings]))
+        return [(r.reason, r.completion_chars) for r in results]
+
+    assert run(model, scenario) == [("length", 0)] * 4

@@ -208,3 +208,18 @@ def test_vllms_sampling_extras_we_lack_are_refused_and_usage_can_be_streamed(
     ch = vocab[7]  # logit_bias's keys are indices into the model's vocab
     forced = client.completions.create(model="model", prompt=PROMPT, max_tokens=5, logit_bias={"7": 100})
     assert forced.choices[0].text == ch * 5
+
+
+def test_echo_in_a_session_scores_its_first_character_given_the_sessions_text(
+    client: openai.OpenAI, server: ServerThread, artifact: Artifact
+) -> None:
+    with httpx.Client() as http:
+        sid = http.post(server.url + "/v1/sessions", json={"prompt": PROMPT}).json()["session_id"]
+    scored = client.completions.create(
+        model="model", prompt="ROMEO", max_tokens=0, echo=True, logprobs=0, extra_body={"session_id": sid}
+    )
+    lp = scored.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None
+    expected = model_logprobs(artifact, PROMPT, "ROMEO")
+    got = lp.token_logprobs
+    assert got == pytest.approx([row[artifact.vocab.index[ch]] for row, ch in zip(expected, "ROMEO", strict=True)])

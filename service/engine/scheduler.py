@@ -43,7 +43,10 @@ class Scheduler:
     def admit(self) -> None:
         """Waiting requests become rows, up to ``max_streams`` (counting the choices a row will fork)."""
         model, waiting = self.model, self.inbox.waiting
-        while waiting and (not self.rows or self.taken() + waiting[0][1].n <= self.max_streams):
+        if not waiting:
+            return
+        taken = self.taken()
+        while waiting and (not self.rows or taken + waiting[0][1].n <= self.max_streams):
             handle, req = waiting.popleft()
             state = req.state
             if state is not None:  # [L, H] -> [L, 1, H] views: no torch op (see `StepSampler`)
@@ -57,6 +60,8 @@ class Scheduler:
             if not feed and req.max_new_chars == 0:  # nothing to read, nothing to write: unchanged
                 blob = self.outputs.encode(h, c, 0, pending, consumed) if req.want_state else None
                 self.outputs.answer(handle, Finished("length", 0, consumed, blob))
+                for sibling in handle.siblings:  # n > 1: every choice is the same empty text
+                    self.outputs.answer(sibling, Finished("length", 0, consumed, None))
                 continue
             if not feed:  # no text at all: start from a newline, as `chargen sample` does
                 feed = [model.start_id]
@@ -64,6 +69,7 @@ class Scheduler:
             if req.score_prompt and state is None and req.prompt_ids:
                 handle.prompt_logprobs.append(None)  # the first character has nothing before it
             self.rows.append(row)
+            taken += req.n
             self._route(row)
 
     def taken(self) -> int:
