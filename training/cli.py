@@ -26,12 +26,12 @@ def positive_int(text: str) -> int:
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
-    from training.config import TrainConfig
+    from training.config import TrainConfig, field_comments
 
     p = subparsers.add_parser("train", help="train a model; exports OUT/model.pt at the end")
     p.add_argument("--config", help="TOML file of TrainConfig fields (CLI flags override it)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out if it has a checkpoint")
-    defaults = TrainConfig()
+    defaults, meanings = TrainConfig(), field_comments()
     for f in fields(TrainConfig):
         default = getattr(defaults, f.name)
         p.add_argument(
@@ -39,7 +39,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
             dest=f.name,
             type=type(default),
             default=None,
-            help=f"(default {default!r})",
+            help=f"{meanings[f.name]} (default: {default!r})".replace("%", "%%"),
         )
     p.set_defaults(run=cmd_train)
 

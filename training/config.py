@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import tokenize
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,7 +22,7 @@ class TrainConfig:
     # model (Graves 2013: stacked peephole LSTM with skip connections)
     layers: int = 3  # stacked LSTM layers
     hidden: int = 256  # units per layer
-    dropout: float = 0.1  # between layers and before the output layer
+    dropout: float = 0.1  # dropout probability between layers and before the output layer
     # batches: B contiguous streams through the training text, T characters per step
     batch_size: int = 32  # B, the number of streams
     seq_len: int = 100  # T, the truncated-BPTT length; the state is carried across steps
@@ -65,6 +67,19 @@ class TrainConfig:
         """Names of the fields whose values differ from a saved run's configuration."""
         mine = self.to_dict()
         return [name for name in mine if name not in self.RESUMABLE_CHANGES and saved.get(name) != mine[name]]
+
+
+def field_comments() -> dict[str, str]:
+    """Each field's comment in the class body above (`name: type = default  # meaning`): the
+    meaning `chargen train --help` shows, written once, where a reader of the config sees it."""
+    names = {f.name for f in fields(TrainConfig)}
+    lines = iter(inspect.getsource(TrainConfig).splitlines(keepends=True))
+    comments = {}
+    for token in tokenize.generate_tokens(lambda: next(lines, "")):
+        name = token.line.split(":", 1)[0].strip()
+        if token.type == tokenize.COMMENT and name in names:
+            comments[name] = token.string.lstrip("#").strip()
+    return comments
 
 
 def field_types() -> dict[str, type]:
