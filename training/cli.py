@@ -96,20 +96,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     meta = export(result.checkpoint, files.model)
     print(
-        f"exported {files.model}: val {meta['val_loss_nats']:.4f} nats/char, {meta['val_bpc']:.4f} bits/char "
-        f"after {meta['train_steps']} steps",
+        f"exported {files.model} (model {meta['name']!r}): val {meta['val_loss_nats']:.4f} nats/char, "
+        f"{meta['val_bpc']:.4f} bits/char after {meta['train_steps']} steps",
         file=sys.stderr,
     )
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from training.config import check_model_name
     from training.export import export
 
+    if args.name is not None:
+        check_model_name(args.name)
     if not Path(args.checkpoint).is_file():
         raise UsageError(f"checkpoint not found: {args.checkpoint}")
-    meta = export(args.checkpoint, args.output)
-    print(f"wrote {args.output} ({meta['params']:,} params, fingerprint {meta['fingerprint'][:19]})")
+    meta = export(args.checkpoint, args.output, args.name)
+    fingerprint = meta["fingerprint"][:19]
+    print(f"wrote {args.output}: model {meta['name']!r}, {meta['params']:,} params, fingerprint {fingerprint}")
     return 0
 
 
@@ -157,7 +161,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="write a TorchScript artifact from a checkpoint")
     p.add_argument("checkpoint")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="the artifact to write")
+    p.add_argument("--name", help="the model's name, its id in the service (default: the run's name or directory)")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("sample", help="stream sampled text from an artifact")
