@@ -59,6 +59,19 @@ def test_the_service_doc_openai_example_runs_as_written(bundled_server: ServerPr
     assert len(run_example(code, bundled_server.url)) == 200 + 1 + 100 + 100
 
 
+def test_the_readme_artifact_example_runs_as_written() -> None:
+    code = python_example(README, "torch.jit.load")
+    done = subprocess.run(
+        [sys.executable, "-c", code + "\nprint(meta['format'], len(meta['vocab']), type(model).__name__)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,  # the README's commands run from the repository root
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "chargen-lstm/1 65 RecursiveScriptModule\n"
+
+
 def table_settings(markdown: str, heading: str) -> list[str]:
     """The CHARGEN_* names in the first column of the table under a heading."""
     section = markdown[markdown.index(heading) :]
