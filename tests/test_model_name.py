@@ -51,6 +51,13 @@ def test_training_names_the_model_after_its_run_directory_or_name(corpus: Path, 
     chargen("export", str(tmp_path / "run" / "best.pt"), "-o", str(tmp_path / "c.pt"), "--name", "verse-2")
     assert meta_of(tmp_path / "c.pt")["name"] == "verse-2"
 
+    # a resumed run renamed (allowed: the name changes nothing in training) exports the new name,
+    # even where its best checkpoint was written under the old one
+    renamed = chargen("train", "--corpus", str(corpus), "--out", str(tmp_path / "run"), "--name", "bard-2", *TINY,
+                      "--resume")  # fmt: skip
+    assert renamed.returncode == 0, renamed.stderr
+    assert meta_of(tmp_path / "run" / "model.pt")["name"] == "bard-2"
+
 
 def test_a_bad_name_is_refused_before_any_work(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"

@@ -94,7 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_PREEMPTED
     if not result.is_main:  # under torchrun, rank 0 alone exports
         return 0
-    meta = export(result.checkpoint, files.model)
+    # named by this run's config: a resume may rename it, and its best checkpoint may be older
+    meta = export(result.checkpoint, files.model, config.name or files.out.resolve().name)
     print(
         f"exported {files.model} (model {meta['name']!r}): val {meta['val_loss_nats']:.4f} nats/char, "
         f"{meta['val_bpc']:.4f} bits/char after {meta['train_steps']} steps",
