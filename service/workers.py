@@ -1,12 +1,16 @@
-"""`chargen serve --workers N`: N worker processes sharing one listening socket.
+"""`chargen serve --workers N`: N worker processes sharing one port.
 
 Each worker is the whole service (app, engine thread, store connections) with one torch thread,
-as `chargen serve` alone is: the kernel hands each new connection to whichever worker accepts it
-first, so every core runs model steps and the HTTP work is spread over the cores with them. Why
-this design rather than one HTTP front with N engine processes: docs/scaling.md.
+as `chargen serve` alone is, listening on its own socket in the port's SO_REUSEPORT group: the
+kernel spreads new connections over the workers by a hash of their addresses, so every core runs
+model steps and the HTTP work is spread over the cores with them. (One socket shared by all, as
+uvicorn's and gunicorn's workers do, let whichever worker accepts first take a connection: 64
+keep-alive clients split 20/44 there, against 28-30/34-36 by the hash; docs/scaling.md, with why
+this design rather than one HTTP front with N engine processes.)
 
-The supervisor here owns the socket and the workers' lives: it binds the port, starts the workers
-(fresh interpreters, `python -m service.workers FD`), forwards SIGTERM/SIGINT to them as SIGTERM
+The supervisor here owns the port and the workers' lives: it reserves the port (a bound socket in
+the group that never listens), starts the workers (fresh interpreters, `python -m service.workers
+PID`), forwards SIGTERM/SIGINT to them as SIGTERM
 (each drains its own streams and saves their sessions, then exits), starts a new worker in place
 of one that dies, and exits once all have: 0 when each exited 0. Sessions must be in a store every
 worker reaches (Redis): memory:// sessions live inside one process, so it is refused. Metrics:
@@ -39,6 +43,17 @@ RESTART_WINDOW_S = 60.0  # a worker that dies is replaced, up to RESTART_LIMIT t
 RESTART_LIMIT = 5
 
 
+def reuseport_socket(host: str, port: int, send_buffer: int) -> socket.socket:
+    """A socket bound to host:port in the port's SO_REUSEPORT group (not listening yet)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if send_buffer:  # accepted connections inherit it (see service.main.bind_listener)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    sock.bind((host, port))
+    return sock
+
+
 def memory_refused() -> str:
     return (
         "chargen: error: CHARGEN_WORKERS above 1 needs sessions every worker can reach, and memory:// "
@@ -47,9 +62,9 @@ def memory_refused() -> str:
 
 
 class Supervisor:
-    def __init__(self, count: int, listener: socket.socket, env: dict[str, str]) -> None:
+    def __init__(self, count: int, reserved: socket.socket, env: dict[str, str]) -> None:
         self.count = count
-        self.listener = listener
+        self.reserved = reserved
         self.env = env
         self.workers: dict[int, subprocess.Popen[bytes]] = {}  # slot -> its worker process
         self.signals = 0  # SIGTERM/SIGINT received: 1 drains, 2 stops at once
@@ -57,9 +72,8 @@ class Supervisor:
         self.restarts: list[float] = []
 
     def start(self, slot: int) -> None:
-        fd = self.listener.fileno()
-        command = [sys.executable, "-m", "service.workers", str(fd), str(os.getpid())]
-        self.workers[slot] = subprocess.Popen(command, env=self.env, pass_fds=[fd])
+        command = [sys.executable, "-m", "service.workers", str(os.getpid())]
+        self.workers[slot] = subprocess.Popen(command, env=self.env)
 
     def forward(self, sig: int, frame: FrameType | None) -> None:
         self.signals += 1
@@ -73,7 +87,7 @@ class Supervisor:
             signal.signal(sig, self.forward)
         for slot in range(self.count):
             self.start(slot)
-        host, port = self.listener.getsockname()[:2]
+        host, port = self.reserved.getsockname()[:2]
         pids = ", ".join(str(p.pid) for p in self.workers.values())
         log.info("%d workers (pids %s) sharing http://%s:%d", self.count, pids, host, port)
         while self.workers:
@@ -107,32 +121,39 @@ def supervise(settings: Settings) -> int:
     if settings.state_url.startswith("memory://"):
         print(memory_refused(), file=sys.stderr)
         return EXIT_USAGE
-    from service.main import bind_listener, logging_config, uvicorn_config
+    from service.main import logging_config
 
     logging.config.dictConfig(logging_config(settings))
-    listener = bind_listener(uvicorn_config(None, settings), settings)
-    if listener is None:
+    try:  # held, never listening: it keeps the port (and port 0's pick) for the workers' group
+        reserved = reuseport_socket(settings.host, settings.port, 0)
+    except OSError as err:
+        log.error("cannot bind %s:%d: %s", settings.host, settings.port, err)
         return 1
     metrics_dir = tempfile.mkdtemp(prefix="chargen-metrics-")
     # The CLI's --host/--port/--model reach the workers as the settings they override.
     env = {**os.environ, MULTIPROCESS_DIR: metrics_dir, "CHARGEN_MODEL": str(settings.model_path)}
+    env["CHARGEN_HOST"], env["CHARGEN_PORT"] = settings.host, str(reserved.getsockname()[1])
     if settings.model_id:
         env["CHARGEN_MODEL_ID"] = settings.model_id
     try:
-        return Supervisor(settings.worker_count, listener, env).run()
+        return Supervisor(settings.worker_count, reserved, env).run()
     finally:
-        listener.close()
+        reserved.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def worker_main(fd: int, parent_pid: int) -> int:
-    """One worker: the service on the supervisor's socket (the same checks as `chargen serve`)."""
+def worker_main(parent_pid: int) -> int:
+    """One worker: the service on its own socket in the port's group (the checks of `chargen serve`)."""
     from service.main import read_model, read_settings, serve
 
-    listener = socket.socket(fileno=fd)
     settings = read_settings()
     if settings is None:
         return EXIT_USAGE
+    try:
+        listener = reuseport_socket(settings.host, settings.port, settings.socket_send_buffer_bytes)
+    except OSError as err:
+        print(f"chargen: error: cannot bind {settings.host}:{settings.port}: {err}", file=sys.stderr)
+        return 1
     loaded = read_model(settings)
     if loaded is None:
         return EXIT_USAGE
@@ -140,4 +161,4 @@ def worker_main(fd: int, parent_pid: int) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(worker_main(int(sys.argv[1]), int(sys.argv[2])))
+    raise SystemExit(worker_main(int(sys.argv[1])))
