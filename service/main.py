@@ -26,6 +26,7 @@ from chargen.artifact import ArtifactError
 from service.artifact import LoadedModel, load_model
 from service.auth import ApiKeys, require_key
 from service.engine import Engine, EngineConfig
+from service.engine.precision import Choice, choose_precision
 from service.errors import ERROR_RESPONSES, install_error_handlers
 from service.generation import Generations
 from service.metrics import FLUSH_INTERVAL_S, Metrics
@@ -48,6 +49,12 @@ def configure_torch(settings: Settings) -> None:
     # With Python's default 5 ms switch interval it waited behind a busy event loop for up to
     # 5 ms per step: a 5 ms step ran at a quarter of its speed beside a thread running Python.
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+
+
+def pick_precision(model: LoadedModel, settings: Settings) -> Choice:
+    """fp32 or bf16 steps (CHARGEN_PRECISION), measured at the engine's thread count for auto."""
+    torch.set_num_threads(settings.torch_threads)  # OpenMP thread counts are per calling thread
+    return choose_precision(model, settings.precision, settings.max_batch, settings.mkldnn)
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -94,7 +101,8 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = model or await asyncio.to_thread(load_model, settings.model_path, settings.model_id)
         configure_torch(settings)
-        engine = Engine(loaded, metrics, engine_config(settings))
+        choice = await asyncio.to_thread(pick_precision, loaded, settings)
+        engine = Engine(choice.model, metrics, engine_config(settings))
         await asyncio.to_thread(engine.start, asyncio.get_running_loop())
         store = open_store(settings)
         try:

@@ -111,6 +111,11 @@ class Settings(BaseSettings):
         description="how long a Python thread may keep the GIL while another waits (docs: the engine and the GIL)",
     )
     mkldnn: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="the engine's model steps: bf16 weights (turns mkldnn on), fp32, or auto: bf16 only where a "
+        "start-up measurement finds it faster at 1 row and at max_batch rows (docs/benchmarks.md: bf16)",
+    )
     log_level: str = "info"
 
     @field_validator("state_url")
