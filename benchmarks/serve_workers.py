@@ -16,6 +16,7 @@ shape of the TorchServe comparison in docs/benchmarks.md (200 characters per req
 
     python benchmarks/serve_workers.py                       # auto workers, 1,8,64 clients, 3 rounds
     python benchmarks/serve_workers.py --workers 2 --rounds 5 --seconds 10
+    python benchmarks/serve_workers.py --env CHARGEN_PRECISION=bf16
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="measured time per level, service and round")
     parser.add_argument("--bursts", type=int, default=5, help="streaming bursts per level, service and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for both services (repeatable)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here as JSON")
     args = parser.parse_args(argv)
     clients = [int(x) for x in args.clients.split(",") if x.strip()]
@@ -96,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         "CHARGEN_MAX_STREAMS": str(max(64, top)),
         "CHARGEN_MAX_QUEUE": str(max(64, top)),
         "CHARGEN_MAX_STREAMS_PER_KEY": "0",
+        **dict(pair.split("=", 1) for pair in args.env),
     }
     names = ["1 worker", f"workers {args.workers}"]
     rates: dict[str, dict[int, list[float]]] = {name: {n: [] for n in clients} for name in names}
     firsts: dict[str, dict[int, list[list[float]]]] = {name: {n: [] for n in stream_levels} for name in names}
-    print(f"model {args.model}, {args.chars} chars per request, {len(os.sched_getaffinity(0))} cores", flush=True)
+    cores = len(os.sched_getaffinity(0))
+    print(f"model {args.model}, {args.chars} chars per request, {cores} cores {' '.join(args.env)}", flush=True)
     with Redis() as redis:
         env["CHARGEN_STATE_URL"] = redis.url
         with (
