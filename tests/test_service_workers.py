@@ -25,7 +25,7 @@ from service.settings import Settings
 from tests.service_support import CHARGEN, ServerProcess, generate, metric, new_session, wait_until
 
 PROMPT = "JULIET:\nsweet "
-LONG = 4000  # characters each draining stream still has to produce after SIGTERM
+LONG = 8000  # characters each draining stream still has to produce after SIGTERM (well over 0.1 s)
 
 
 def children(pid: int) -> list[int]:
