@@ -429,10 +429,14 @@ def run_level(
     measured = 0.0
     got = 0
     bursts = 0
+    client_cpu = client_wall = 0.0
     while measured < min_seconds or not rates:
         round_chars, round_seconds_done = 0, 0.0
         while round_seconds_done < min(round_seconds, min_seconds - measured) or not round_chars:
+            cpu, wall = time.process_time(), time.perf_counter()
             results = run_clients(run_burst(url, streams, chars, prompt, seed, sessions))
+            client_cpu += time.process_time() - cpu
+            client_wall += time.perf_counter() - wall
             round_seconds_done += max(r.ended for r in results) - min(r.started for r in results)
             round_chars += sum(r.chars for r in results)
             ttfc += [r.ttfc for r in results]
@@ -445,7 +449,8 @@ def run_level(
         measured += round_seconds_done
         got += round_chars
     rate = median(rates)
-    extra: dict[str, Any] = {"bursts": bursts, "rounds": len(rates)}
+    # the clients share the cores with the service: what they took (sessions made and deleted included)
+    extra: dict[str, Any] = {"bursts": bursts, "rounds": len(rates), "client_cores": client_cpu / client_wall}
     if ceiling:
         extra |= {
             "ceiling": median(readings),
@@ -542,7 +547,7 @@ def table(title: str, levels: list[Level], ceiling: dict[int, float] | None = No
     lines = [
         title,
         f"{'streams':>7} {'chars/s':>9} {'ceiling':>9} {'x ceiling':>9} {'x highest':>9} {'TTFC p50':>9} "
-        f"{'TTFC p99':>9} {'TBC p50':>8} {'TBC p99':>8}   (ms)",
+        f"{'TTFC p99':>9} {'TBC p50':>8} {'TBC p99':>8}   (ms) {'clients, cores':>14}",
     ]
     for lv in levels:
         roof = lv.extra.get("ceiling") or (ceiling or {}).get(lv.streams) or math.nan
@@ -551,6 +556,7 @@ def table(title: str, levels: list[Level], ceiling: dict[int, float] | None = No
         lines.append(
             f"{lv.streams:>7} {lv.chars_per_s:>9.0f} {roof:>9.0f} {ratio:>9.2f} {pessimistic:>9.2f} "
             f"{lv.ttfc_p50_ms:>9.1f} {lv.ttfc_p99_ms:>9.1f} {lv.tbc_p50_ms:>8.2f} {lv.tbc_p99_ms:>8.2f}"
+            f"      {lv.extra.get('client_cores', math.nan):>14.2f}"
         )
     return "\n".join(lines)
 
