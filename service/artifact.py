@@ -62,6 +62,8 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, model_id: str | None = None) -> LoadedModel:
-    """The artifact at ``path``, its id ``model_id`` or the file's stem; raises ArtifactError."""
+    """The artifact at ``path``; its id is ``model_id`` (CHARGEN_MODEL_ID), else the name it was
+    exported with, else the file's stem (exports before names). Raises ArtifactError."""
     module, meta = read_artifact(path)
-    return LoadedModel(module=module, meta=meta, model_id=model_id or Path(path).stem, vocab=meta["vocab"])
+    served_as = model_id or str(meta.get("name") or "") or Path(path).stem
+    return LoadedModel(module=module, meta=meta, model_id=served_as, vocab=meta["vocab"])

@@ -20,7 +20,9 @@ class Settings(BaseSettings):
 
     # what to serve and where
     model: str | None = Field(None, description="TorchScript artifact to serve (default: the bundled model)")
-    model_id: str | None = Field(None, description="id shown in /v1/models (default: the file's stem)")
+    model_id: str | None = Field(
+        None, description="id shown in /v1/models (default: meta.json's name, else the file's stem)"
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int | Literal["auto"] = Field(
