@@ -62,6 +62,8 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, model_id: str | None = None) -> LoadedModel:
-    """The artifact at ``path``, its id ``model_id`` or the file's stem; raises ArtifactError."""
+    """The artifact at ``path``; its id is ``model_id``, else meta.json's "name", else the file's
+    stem. Raises ArtifactError."""
     module, meta = read_artifact(path)
-    return LoadedModel(module=module, meta=meta, model_id=model_id or Path(path).stem, vocab=meta["vocab"])
+    name = meta.get("name") if isinstance(meta.get("name"), str) and meta.get("name") else None
+    return LoadedModel(module=module, meta=meta, model_id=model_id or name or Path(path).stem, vocab=meta["vocab"])

@@ -23,12 +23,14 @@ from pydantic import ValidationError
 from chargen.artifact import ArtifactError
 from service.artifact import LoadedModel, load_model
 from service.auth import ApiKeys, require_key
-from service.engine import Engine, EngineConfig
+from service.engine import EngineConfig
 from service.errors import ERROR_RESPONSES, install_error_handlers
 from service.generation import Generations
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, DrainingReadinessMiddleware, RequestMetricsMiddleware
-from service.routers import completions, generate, health, inspect, models, playground, sessions
+from service.repository import ModelRegistry
+from service.repository.watch import watch_models
+from service.routers import admin, completions, generate, health, inspect, models, playground, sessions
 from service.settings import Settings
 from service.state_store import SessionStore, StoreUnavailable, open_store
 
@@ -77,41 +79,49 @@ async def sweep_expired(store: SessionStore, metrics: Metrics, interval_s: float
 
 
 def create_app(settings: Settings | None = None, model: LoadedModel | None = None) -> FastAPI:
-    """The FastAPI app. The model is loaded (off the event loop) at start-up unless given."""
+    """The FastAPI app. The model (or every model of CHARGEN_MODELS_DIR) is loaded off the event
+    loop at start-up unless given."""
     settings = settings or Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = model or await asyncio.to_thread(load_model, settings.model_path, settings.model_id)
         configure_torch(settings)
-        engine = Engine(loaded, metrics, engine_config(settings))
-        await asyncio.to_thread(engine.start, asyncio.get_running_loop())
+        registry = ModelRegistry(settings, metrics, engine_config(settings))
+        if settings.models_dir is None:
+            single = model or await asyncio.to_thread(load_model, settings.model_path, settings.model_id)
+            await registry.start(single)
+        else:
+            await registry.start()
         store = open_store(settings)
         try:
             await store.open_connections(settings.max_streams)
         except StoreUnavailable as err:  # not fatal: /readyz reports it, and the pool connects later
             log.warning("cannot connect to the session store yet: %s", err)
-        generations = Generations(engine, store, loaded, settings, metrics)
-        app.state.model, app.state.engine, app.state.store = loaded, engine, store
+        generations = Generations(registry, store, settings, metrics)
+        app.state.registry, app.state.store = registry, store
         app.state.generations = generations
         sweeper = asyncio.create_task(sweep_expired(store, metrics, settings.sweep_interval_s))
+        watcher = None
+        if settings.models_dir is not None:  # every process (replica, worker) watches for itself
+            watcher = asyncio.create_task(watch_models(registry, settings.models_dir, settings.models_poll_s))
         # What start-up made (modules, the model, the app) lives as long as the process: freeze it
         # out of the cyclic GC. Its full collections walked all of it, 80-180 ms each under load,
         # and every stream stalled for that long (docs/benchmarks.md).
         gc.collect()
         gc.freeze()
         log.info(
-            "serving %s (%s) with sessions in %s",
-            loaded.model_id,
-            loaded.fingerprint[:19],
+            "serving %s with sessions in %s",
+            ", ".join(f"{v.model_id} ({v.fingerprint[:19]})" for v in registry.all_versions()) or "no model yet",
             store.describe(),  # never the URL's user name or password
         )
         try:
             yield
         finally:
             sweeper.cancel()
-            await asyncio.to_thread(engine.stop)
+            if watcher is not None:
+                watcher.cancel()
+            await registry.close()
             await generations.drain()  # rows stopped by the engine save what their clients got
             await store.close()
 
@@ -124,6 +134,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.api_keys = ApiKeys(settings.api_keys.get_secret_value())
+    app.state.admin_keys = ApiKeys(settings.admin_keys.get_secret_value())
     install_error_handlers(app)
     # API routes: the API key check (a no-op without CHARGEN_API_KEYS) and the error responses
     # they can give, declared for the OpenAPI document. Health, metrics and the playground page
@@ -131,6 +142,8 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     protected = [Depends(require_key)]
     for router in (generate.router, completions.router, models.router, sessions.router, inspect.router):
         app.include_router(router, prefix=API_PREFIX, dependencies=protected, responses=ERROR_RESPONSES)
+    # load/unload: operators' admin keys (CHARGEN_ADMIN_KEYS), checked by the routes themselves
+    app.include_router(admin.router, prefix=API_PREFIX, responses=ERROR_RESPONSES)
     app.include_router(health.router)  # /healthz, /readyz, /metrics: where probes and scrapers look
     app.include_router(playground.router)  # GET /: the playground page
     playground.mount_static(app)
@@ -216,14 +229,19 @@ def run(host: str | None = None, port: int | None = None, model: str | None = No
     try:
         settings = Settings(**overrides)
     except ValidationError as err:
-        problems = "; ".join(f"CHARGEN_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(
+            f"CHARGEN_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in err.errors()
+        )
         print(f"chargen: error: invalid settings: {problems}", file=sys.stderr)
         return 2
-    try:
-        loaded = load_model(settings.model_path, settings.model_id)
-    except ArtifactError as err:
-        print(f"chargen: error: {err}", file=sys.stderr)
-        return 2
+    loaded = None
+    if settings.models_dir is None:  # a directory's bad files are listed failed, not fatal
+        try:
+            loaded = load_model(settings.model_path, settings.model_id)
+        except ArtifactError as err:
+            print(f"chargen: error: {err}", file=sys.stderr)
+            return 2
     app = create_app(settings, loaded)
     # uvicorn configures only its own loggers: without a handler of their own, the service's info
     # lines (what it serves, the drain on SIGTERM) went nowhere. They print as uvicorn's do.

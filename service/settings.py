@@ -18,7 +18,21 @@ class Settings(BaseSettings):
 
     # what to serve and where
     model: str | None = Field(None, description="TorchScript artifact to serve (default: the bundled model)")
-    model_id: str | None = Field(None, description="id shown in /v1/models (default: the file's stem)")
+    model_id: str | None = Field(
+        None, description="id of the one model (default: its meta.json name, else the file's stem); not with models_dir"
+    )
+    # a model repository (docs/models.md): every artifact in a directory, watched for changes
+    models_dir: Path | None = Field(None, description="serve every *.pt artifact in this directory (not with model)")
+    default_model: str | None = Field(None, description="the id used when a request names none (default: newest)")
+    keep_versions: int = Field(
+        1, ge=0, description="earlier versions of a replaced model kept loaded for the sessions made on them"
+    )
+    max_models: int = Field(8, ge=1, description="models served at once; a file past the limit is listed failed")
+    models_poll_s: float = Field(2.0, gt=0, description="the directory is rescanned at least this often")
+    admin_keys: SecretStr = Field(
+        SecretStr(""),
+        description="comma-separated keys (or sha256:<hex>) for POST /v1/models/{id}/load|unload; empty: disabled",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
@@ -133,6 +147,17 @@ class Settings(BaseSettings):
     def _client_certificate_whole(self) -> Settings:
         if (self.state_tls_cert_file is None) != (self.state_tls_key_file is None):
             raise ValueError("CHARGEN_STATE_TLS_CERT_FILE and CHARGEN_STATE_TLS_KEY_FILE go together")
+        return self
+
+    @model_validator(mode="after")
+    def _one_source_of_models(self) -> Settings:
+        if self.models_dir is not None:
+            if self.model is not None:
+                raise ValueError("CHARGEN_MODEL and CHARGEN_MODELS_DIR are exclusive: serve one file or a directory")
+            if self.model_id is not None:
+                raise ValueError("CHARGEN_MODEL_ID names the one model of CHARGEN_MODEL; not with CHARGEN_MODELS_DIR")
+            if not self.models_dir.is_dir():
+                raise ValueError(f"CHARGEN_MODELS_DIR: {self.models_dir} is not a directory")
         return self
 
     @cached_property
