@@ -104,7 +104,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         sweeper = asyncio.create_task(sweep_expired(store, metrics, settings.sweep_interval_s))
         watcher = None
         if settings.models_dir is not None:  # every process (replica, worker) watches for itself
-            watcher = asyncio.create_task(watch_models(registry, settings.models_dir, settings.models_poll_s))
+            watcher = asyncio.create_task(watch_models(registry, settings.model_directories, settings.models_poll_s))
         # What start-up made (modules, the model, the app) lives as long as the process: freeze it
         # out of the cyclic GC. Its full collections walked all of it, 80-180 ms each under load,
         # and every stream stalled for that long (docs/benchmarks.md).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 
@@ -22,7 +23,9 @@ class Settings(BaseSettings):
         None, description="id of the one model (default: its meta.json name, else the file's stem); not with models_dir"
     )
     # a model repository (docs/models.md): every artifact in a directory, watched for changes
-    models_dir: Path | None = Field(None, description="serve every *.pt artifact in this directory (not with model)")
+    models_dir: str | None = Field(
+        None, description="serve every *.pt artifact in this directory, or DIR:DIR... (not with model); watched"
+    )
     default_model: str | None = Field(None, description="the id used when a request names none (default: newest)")
     keep_versions: int = Field(
         1, ge=0, description="earlier versions of a replaced model kept loaded for the sessions made on them"
@@ -149,6 +152,14 @@ class Settings(BaseSettings):
             raise ValueError("CHARGEN_STATE_TLS_CERT_FILE and CHARGEN_STATE_TLS_KEY_FILE go together")
         return self
 
+    @field_validator("model", "model_id", "models_dir", "default_model", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # compose and Kubernetes set a variable to "" to clear an image's default
+        if isinstance(value, Path):
+            return str(value)
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _one_source_of_models(self) -> Settings:
         if self.models_dir is not None:
@@ -156,9 +167,17 @@ class Settings(BaseSettings):
                 raise ValueError("CHARGEN_MODEL and CHARGEN_MODELS_DIR are exclusive: serve one file or a directory")
             if self.model_id is not None:
                 raise ValueError("CHARGEN_MODEL_ID names the one model of CHARGEN_MODEL; not with CHARGEN_MODELS_DIR")
-            if not self.models_dir.is_dir():
-                raise ValueError(f"CHARGEN_MODELS_DIR: {self.models_dir} is not a directory")
+            for directory in self.model_directories:
+                if not directory.is_dir():
+                    raise ValueError(f"CHARGEN_MODELS_DIR: {directory} is not a directory")
         return self
+
+    @property
+    def model_directories(self) -> list[Path]:
+        """CHARGEN_MODELS_DIR's directories (separated by ':', as in PATH); empty without it."""
+        if self.models_dir is None:
+            return []
+        return [Path(part).expanduser() for part in self.models_dir.split(os.pathsep) if part]
 
     @cached_property
     def model_path(self) -> Path:

@@ -43,7 +43,7 @@ class ModelRegistry:
         self.settings = settings
         self.metrics = metrics
         self.engine_config = engine_config
-        self.directory: Path | None = settings.models_dir
+        self.directories: list[Path] = settings.model_directories  # empty: the one CHARGEN_MODEL
         self.entries: dict[str, ModelEntry] = {}  # ids taking new work
         self.leaving: list[ModelEntry] = []  # removed ids whose versions are still draining
         self.files: dict[Path, FileRecord] = {}  # the directory as last seen
@@ -163,14 +163,16 @@ class ModelRegistry:
 
     async def reconcile(self) -> None:
         """Bring what is served in line with the directory (new, replaced and removed files)."""
-        if self.directory is None:
+        if not self.directories:
             return
         async with self._lock:
-            try:
-                found = await asyncio.to_thread(scan, self.directory)
-            except OSError as err:  # unreadable for a moment (a remount?): change nothing
-                log.warning("cannot read the models directory %s: %s", self.directory, err)
-                return
+            found: dict[Path, tuple[int, int, int]] = {}
+            for directory in self.directories:
+                try:
+                    found |= await asyncio.to_thread(scan, directory)
+                except OSError as err:  # unreadable for a moment (a remount?): change nothing
+                    log.warning("cannot read the models directory %s: %s", directory, err)
+                    return
             for path in [p for p in self.files if p not in found]:
                 record = self.files.pop(path)
                 entry = self.entries.get(record.model_id or "")
@@ -289,8 +291,10 @@ class ModelRegistry:
         for record in self.files.values():
             if record.shown_id == model_id:
                 return record.path
-        if self.directory is not None and MODEL_ID.fullmatch(model_id):
-            return self.directory / f"{model_id}.pt"
+        if MODEL_ID.fullmatch(model_id):
+            for directory in self.directories:
+                if (directory / f"{model_id}.pt").is_file():
+                    return directory / f"{model_id}.pt"
         return None
 
     async def load(self, model_id: str) -> FileRecord | None:

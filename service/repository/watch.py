@@ -18,17 +18,18 @@ log = logging.getLogger("chargen.service")
 DEBOUNCE_MS = 200  # events within this long of each other are one change (a copy, then a rename)
 
 
-async def watch_models(registry: ModelRegistry, directory: Path, poll_s: float) -> None:
-    """Reconcile the registry with the directory on every change, until cancelled."""
+async def watch_models(registry: ModelRegistry, directories: list[Path], poll_s: float) -> None:
+    """Reconcile the registry with the directories on every change, until cancelled."""
+    shown = ":".join(map(str, directories))
     try:
         from watchfiles import awatch
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it
-        log.info("watchfiles is not installed: polling %s every %.1f s", directory, poll_s)
+        log.info("watchfiles is not installed: polling %s every %.1f s", shown, poll_s)
         await poll_models(registry, poll_s)
         return
     try:
         async for _changes in awatch(
-            directory,
+            *directories,
             debounce=DEBOUNCE_MS,
             step=50,
             rust_timeout=int(poll_s * 1000),
@@ -39,7 +40,7 @@ async def watch_models(registry: ModelRegistry, directory: Path, poll_s: float) 
     except asyncio.CancelledError:
         raise
     except Exception as err:  # cannot watch (inotify limits, the directory went away): poll instead
-        log.warning("cannot watch %s (%s): polling every %.1f s", directory, err, poll_s)
+        log.warning("cannot watch %s (%s): polling every %.1f s", shown, err, poll_s)
         await poll_models(registry, poll_s)
 
 

@@ -45,7 +45,7 @@ AdminDep = Annotated[None, Depends(require_admin)]
 
 
 def need_directory(registry: Any) -> None:
-    if registry.directory is None:
+    if not registry.directories:
         raise ApiError(
             409, "explicit load and unload need a models directory (CHARGEN_MODELS_DIR)", None, "no_models_dir"
         )
@@ -57,7 +57,8 @@ async def load(model_id: str, registry: RegistryDep, _: AdminDep) -> Any:
     need_directory(registry)
     record = await registry.load(model_id)
     if record is None:
-        message = f"model: no artifact file for {model_id!r} in {registry.directory} (looked for {model_id}.pt)"
+        where = ":".join(map(str, registry.directories))
+        message = f"model: no artifact file for {model_id!r} in {where} (looked for {model_id}.pt)"
         raise ApiError(404, message, "model", "model_not_found")
     if record.status == "failed":
         raise ApiError(422, f"model: {record.reason}", "model", "model_load_failed")
