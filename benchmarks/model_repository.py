@@ -136,7 +136,7 @@ def wait_ready(client: httpx.Client, replicas: list[Replica], model_id: str, fin
     return time.perf_counter()
 
 
-def publish_to_servable(work: Path, publishes: int, threads: int) -> list[float]:
+def publish_to_servable(work: Path, publishes: int, threads: int) -> tuple[list[float], list[int]]:
     from service.artifact import load_model
 
     directory = work / "publish"
@@ -147,18 +147,23 @@ def publish_to_servable(work: Path, publishes: int, threads: int) -> list[float]
     publish(BUNDLED, directory, "poet.pt")
     replicas = [Replica(directory, threads), Replica(directory, threads)]
     seconds: list[float] = []
+    rss: list[int] = []  # replica 1's, before the first publish and after the last (a leak would show)
     try:
         with httpx.Client(timeout=10) as client:
             wait_ready(client, replicas, "poet", bundled.fingerprint)
+            time.sleep(1.0)
+            rss.append(replicas[0].rss_bytes())
             for i in range(publishes):
                 source, fingerprint = sources[i % 2]
                 renamed = publish(source, directory, "poet.pt")
                 seconds.append(wait_ready(client, replicas, "poet", fingerprint) - renamed)
                 time.sleep(0.5)  # let the replaced version drain and stop
+            time.sleep(1.0)
+            rss.append(replicas[0].rss_bytes())
     finally:
         for replica in replicas:
             replica.stop()
-    return seconds
+    return seconds, rss
 
 
 def memory_per_model(work: Path, threads: int, copies: int) -> dict[str, list[int]]:
@@ -197,10 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="chargen-bench-repo-") as tmp:
         work = Path(tmp)
-        seconds = publish_to_servable(work, args.publishes, args.threads)
+        seconds, rss = publish_to_servable(work, args.publishes, args.threads)
         ms = [s * 1000 for s in seconds]
         print(f"publish -> servable on both of 2 replicas, {len(ms)} publishes of a 3x256 model (new version each):")
         print(f"  p50 {percentile(ms, 0.5):.0f} ms, max {max(ms):.0f} ms, min {min(ms):.0f} ms")
+        before, after = (r / 2**20 for r in rss)
+        print(f"  replica RSS before the first publish {before:.1f} MiB, after the last {after:.1f} MiB")
         deltas = memory_per_model(work, args.threads, args.copies)
         print("RSS delta per loaded model (one replica, engine started and calibrated):")
         for label, values in deltas.items():

@@ -16,6 +16,7 @@ Lifecycle of a file in the directory (service/repository/watch.py notices the ch
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 from collections import OrderedDict
@@ -223,6 +224,7 @@ class ModelRegistry:
             self._failed(record, f"{path.name}: its engine did not start ({type(err).__name__}: {err})")
             return
         record.status, record.model_id, record.reason = "ready", model_id, None
+        refreeze()
         if entry is None:
             self.entries[model_id] = ModelEntry(model_id, path, [version])
             log.info("model %s: serving %s (%s)", model_id, path.name, model.fingerprint[:19])
@@ -272,7 +274,9 @@ class ModelRegistry:
             entry.versions.remove(version)
         if entry.removed and not entry.versions and entry in self.leaving:
             self.leaving.remove(entry)
-        log.info("model %s: version %s unloaded", entry.model_id, version.fingerprint[:19])
+        del version  # the last reference but the task's: the model's memory goes now
+        refreeze()
+        log.info("model %s: a version unloaded", entry.model_id)
         self._count()
 
     def _count(self) -> None:
@@ -330,3 +334,12 @@ class ModelRegistry:
             task.cancel()
         for version in self.all_versions():
             await asyncio.to_thread(version.engine.stop)
+
+
+def refreeze() -> None:
+    """Start-up freezes what it made out of the cyclic GC (service/main.py: full collections of it
+    stalled every stream); a model loaded later, or the cycles of one unloaded, are brought in line
+    by one full collection here, once per change of the models served."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
