@@ -29,6 +29,19 @@ from tests.service_support import ServerProcess, generate, new_session, sse_data
 PROMPT = "KING:\nthe night "
 
 
+def generate_when_free(http: httpx.Client, url: str, session_id: str, within_s: float) -> str:
+    """40 greedy characters on the session, once no lease holds it (retrying 409 session_busy)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        body = {"session_id": session_id, "max_new_chars": 40, "temperature": 0}
+        response = http.post(url + "/v1/generate", json=body)
+        busy = response.status_code == 409 and response.json()["error"]["code"] == "session_busy"
+        if not busy or time.monotonic() > deadline:
+            assert response.status_code == 200, response.text
+            return str(response.json()["text"])
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """Its own cluster: this test kills a node."""
@@ -173,7 +186,9 @@ def test_two_replicas_on_a_cluster_and_a_primary_killed_mid_stream(tiny_artifact
                 consumed,
                 victim_stream.error,
             )
-            got = generate(http, b.url, session_id=streamed_victim, max_new_chars=40, temperature=0)["text"]
+            # The stream's lease, if the promoted replica has it, is freed by replica A's retried
+            # release once the shard answers, or expires after lease_ms: until then, 409 session_busy.
+            got = generate_when_free(http, b.url, streamed_victim, within_s=3 + 2)  # lease_ms=3000
             assert got == greedy["text"][consumed : consumed + 40]
 
             # every session continues from its last saved state: the failed shard's from before
