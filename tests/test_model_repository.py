@@ -260,8 +260,20 @@ def test_the_default_model_and_unknown_ids(tiny_artifact: Path, tmp_path: Path) 
         assert [row["default"] for row in http.get(srv.url + "/v1/models").json()["data"]] == [True, False]
 
 
-def with_name(source: Path, out: Path, name: str) -> Path:
-    """The same artifact with meta.json naming it (as training/export does since issue 16)."""
+def test_a_model_id_is_the_env_then_the_meta_name_then_the_stem(tiny_artifact: Path, tmp_path: Path) -> None:
+    named = with_meta(tiny_artifact, tmp_path / "run-7.pt", name="poet")  # as training/export writes it
+    assert load_model(named).model_id == "poet"
+    assert load_model(named, "chosen").model_id == "chosen"  # CHARGEN_MODEL_ID
+    assert load_model(tiny_artifact).model_id == "model"
+    directory = tmp_path / "models"
+    directory.mkdir()
+    publish(named, directory, "run-7.pt")
+    with ServerThread(models_dir=directory) as srv, httpx.Client(timeout=30) as http:
+        assert models(http, srv.url)["poet"]["file"] == "run-7.pt"
+
+
+def with_meta(source: Path, out: Path, **changes: Any) -> Path:
+    """The same artifact with meta.json changed (a newer format, a name)."""
     import json
 
     import torch
@@ -271,18 +283,52 @@ def with_name(source: Path, out: Path, name: str) -> Path:
     extra = {"meta.json": ""}
     with jit_deprecation_accepted():
         module = torch.jit.load(str(source), _extra_files=extra)
-        meta = json.loads(extra["meta.json"]) | {"name": name}
+        meta = json.loads(extra["meta.json"]) | changes
         torch.jit.save(module, str(out), _extra_files={"meta.json": json.dumps(meta)})
     return out
 
 
-def test_a_model_id_is_the_env_then_the_meta_name_then_the_stem(tiny_artifact: Path, tmp_path: Path) -> None:
-    named = with_name(tiny_artifact, tmp_path / "run-7.pt", "poet")
-    assert load_model(named).model_id == "poet"
-    assert load_model(named, "chosen").model_id == "chosen"  # CHARGEN_MODEL_ID
-    assert load_model(tiny_artifact).model_id == "model"
+def test_a_half_written_file_fails_then_loads_once_complete_and_a_wrong_format_is_listed(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
     directory = tmp_path / "models"
     directory.mkdir()
-    publish(named, directory, "run-7.pt")
-    with ServerThread(models_dir=directory) as srv, httpx.Client(timeout=30) as http:
-        assert models(http, srv.url)["poet"]["file"] == "run-7.pt"
+    publish(tiny_artifact, directory, "a.pt")
+    newer = with_meta(tiny_artifact, tmp_path / "newer.pt", format="chargen-lstm/2")
+    with ServerThread(models_dir=directory, models_poll_s=0.3) as srv, httpx.Client(timeout=30) as http:
+        whole = tiny_artifact.read_bytes()
+        late = directory / "late.pt"
+        with late.open("wb") as f:  # copied in place, not renamed: seen half-written first
+            f.write(whole[: len(whole) // 2])
+            f.flush()
+            wait_until(lambda: models(http, srv.url).get("late", {}).get("status") == "failed", what="late failed")
+            f.write(whole[len(whole) // 2 :])
+        wait_until(lambda: models(http, srv.url)["late"]["status"] == "ready", what="late loaded when complete")
+        assert models(http, srv.url)["late"]["reason"] is None
+        publish(newer, directory, "newer.pt")
+        wait_until(lambda: models(http, srv.url).get("newer", {}).get("status") == "failed", what="newer failed")
+        assert models(http, srv.url)["newer"]["reason"] == (
+            f"{directory / 'newer.pt'} is not a chargen model "
+            "(meta.json format: 'chargen-lstm/2', not 'chargen-lstm/1')"
+        )
+        assert sorted(http.get(srv.url + "/readyz").json()["models"]) == ["a", "late"]
+
+
+def test_serve_refuses_a_models_dir_that_is_not_one_or_one_beside_a_model(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.service_support import CHARGEN
+
+    cases = [
+        ({"CHARGEN_MODELS_DIR": str(tmp_path / "none")}, f"CHARGEN_MODELS_DIR: {tmp_path / 'none'} is not a directory"),
+        (
+            {"CHARGEN_MODELS_DIR": str(tmp_path), "CHARGEN_MODEL": str(tmp_path / "a.pt")},
+            "CHARGEN_MODEL and CHARGEN_MODELS_DIR are exclusive",
+        ),
+    ]
+    for env, words in cases:
+        done = subprocess.run(
+            [CHARGEN, "serve", "--port", "0"], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 2 and words in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
