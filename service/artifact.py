@@ -62,8 +62,8 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, model_id: str | None = None) -> LoadedModel:
-    """The artifact at ``path``; its id is ``model_id``, else meta.json's "name", else the file's
-    stem. Raises ArtifactError."""
+    """The artifact at ``path``; its id is ``model_id`` (CHARGEN_MODEL_ID), else the name it was
+    exported with, else the file's stem (exports before names). Raises ArtifactError."""
     module, meta = read_artifact(path)
-    name = meta.get("name") if isinstance(meta.get("name"), str) and meta.get("name") else None
-    return LoadedModel(module=module, meta=meta, model_id=model_id or name or Path(path).stem, vocab=meta["vocab"])
+    served_as = model_id or str(meta.get("name") or "") or Path(path).stem
+    return LoadedModel(module=module, meta=meta, model_id=served_as, vocab=meta["vocab"])

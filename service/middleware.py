@@ -1,4 +1,4 @@
-"""ASGI middleware: a request body size limit and per-route request counting."""
+"""ASGI middleware: request body limits (size and JSON nesting) and per-route request counting."""
 
 from __future__ import annotations
 
@@ -24,8 +24,38 @@ async def send_json_error(send: Send, status: int, message: str, param: str | No
     await send({"type": "http.response.body", "body": body})
 
 
+MAX_JSON_DEPTH = 64  # no request's shape nests past 3 levels; the parser's own limit is the recursion limit
+
+
+def json_nested_deeper_than(body: bytes, limit: int) -> bool:
+    """Whether brackets outside strings nest past ``limit``. Counting brackets first keeps the
+    byte-by-byte scan for the rare body that has more than ``limit`` of them at all."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
 class BodyLimitMiddleware:
-    """Reads at most max_bytes of a request body (all of it, then replays it): past that, 413."""
+    """Reads at most max_bytes of a request body (all of it, then replays it): past that, 413.
+    JSON nested past MAX_JSON_DEPTH is a 400 here, before any parser recurses into it: the limit
+    is the service's own, whatever recursion limit the process runs with."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -54,6 +84,10 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        if json_nested_deeper_than(b"".join(chunks), MAX_JSON_DEPTH):
+            message = f"body: JSON nested more than {MAX_JSON_DEPTH} levels deep"
+            await send_json_error(send, 400, message, "body", "invalid_json")
+            return
         replayed = False
 
         async def replay() -> Message:

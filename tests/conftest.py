@@ -134,7 +134,8 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_artifact(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A trained and exported 2x32 model (the real export path, TorchScript with meta.json)."""
     out = tmp_path_factory.mktemp("tiny-run")
-    result = train(tiny_config(corpus_file, out, max_steps=60), progress_tty=False)
+    # named "model", the id the service tests expect (a run is named after its directory otherwise)
+    result = train(tiny_config(corpus_file, out, max_steps=60, name="model"), progress_tty=False)
     path = out / "model.pt"
     export(result.checkpoint, path)
     return path

@@ -170,6 +170,20 @@ def export_random_model(out: Path, vocab: list[str], seed: int, layers: int = 2,
     return out
 
 
+def with_meta(source: Path, out: Path, **changes: Any) -> Path:
+    """The same artifact with meta.json changed (its name, a newer format, ...)."""
+    import torch
+
+    from chargen.artifact import jit_deprecation_accepted
+
+    extra = {"meta.json": ""}
+    with jit_deprecation_accepted():
+        module = torch.jit.load(str(source), _extra_files=extra)
+        meta = json.loads(extra["meta.json"]) | changes
+        torch.jit.save(module, str(out), _extra_files={"meta.json": json.dumps(meta)})
+    return out
+
+
 def read_stream(url: str, body: dict[str, Any]) -> list[tuple[float, bytes]]:
     """POST a streaming request; every read from the socket with its arrival time since the start."""
     chunks: list[tuple[float, bytes]] = []

@@ -98,7 +98,7 @@ def test_the_training_job_checkpoints_resumes_publishes_and_the_api_serves_its_m
     output, _ = job.communicate(timeout=600)
     assert job.returncode == 0, output[-3000:]
     assert f"from step {stopped_at} to {MAX_STEPS}" in output
-    assert "train-job: published /models/tiny.pt; replicas watching /models serve it as tiny" in output
+    assert "train-job: published /models/tiny.pt; replicas watching /models serve it without a restart" in output
     trained_in = time.monotonic() - started
 
     # Everything the job wrote belongs to its non-root user; the model's card says what it is.

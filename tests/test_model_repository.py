@@ -19,7 +19,7 @@ import pytest
 from pytest_redis.executor import RedisExecutor
 
 from service.artifact import load_model
-from tests.service_support import ServerProcess, ServerThread, export_random_model, sse_data, wait_until
+from tests.service_support import ServerProcess, ServerThread, export_random_model, sse_data, wait_until, with_meta
 
 ADMIN_KEY = "admin-" + secrets.token_urlsafe(12)
 API_KEY = "user-" + secrets.token_urlsafe(12)
@@ -28,9 +28,14 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 STREAM = {"prompt": "KING:", "max_new_chars": 600, "temperature": 1.0, "top_k": 8, "seed": 11}
 
 
-def publish(source: Path, directory: Path, name: str) -> None:
+def publish(source: Path, directory: Path, name: str, rename: bool = True) -> None:
+    """As the training job does: a temporary name, then a rename. The artifact's meta.json is
+    given the file's stem as its name (so the id is the stem) unless ``rename`` is False."""
     tmp = directory / f".{name}.tmp"
-    shutil.copyfile(source, tmp)
+    if rename:
+        with_meta(source, tmp, name=name.removesuffix(".pt"))
+    else:
+        shutil.copyfile(source, tmp)
     os.replace(tmp, directory / name)
 
 
@@ -264,28 +269,12 @@ def test_a_model_id_is_the_env_then_the_meta_name_then_the_stem(tiny_artifact: P
     named = with_meta(tiny_artifact, tmp_path / "run-7.pt", name="poet")  # as training/export writes it
     assert load_model(named).model_id == "poet"
     assert load_model(named, "chosen").model_id == "chosen"  # CHARGEN_MODEL_ID
-    assert load_model(tiny_artifact).model_id == "model"
+    assert load_model(with_meta(tiny_artifact, tmp_path / "older.pt", name="")).model_id == "older"  # no name
     directory = tmp_path / "models"
     directory.mkdir()
-    publish(named, directory, "run-7.pt")
+    publish(named, directory, "run-7.pt", rename=False)
     with ServerThread(models_dir=directory) as srv, httpx.Client(timeout=30) as http:
         assert models(http, srv.url)["poet"]["file"] == "run-7.pt"
-
-
-def with_meta(source: Path, out: Path, **changes: Any) -> Path:
-    """The same artifact with meta.json changed (a newer format, a name)."""
-    import json
-
-    import torch
-
-    from chargen.artifact import jit_deprecation_accepted
-
-    extra = {"meta.json": ""}
-    with jit_deprecation_accepted():
-        module = torch.jit.load(str(source), _extra_files=extra)
-        meta = json.loads(extra["meta.json"]) | changes
-        torch.jit.save(module, str(out), _extra_files={"meta.json": json.dumps(meta)})
-    return out
 
 
 def test_a_half_written_file_fails_then_loads_once_complete_and_a_wrong_format_is_listed(
@@ -296,7 +285,7 @@ def test_a_half_written_file_fails_then_loads_once_complete_and_a_wrong_format_i
     publish(tiny_artifact, directory, "a.pt")
     newer = with_meta(tiny_artifact, tmp_path / "newer.pt", format="chargen-lstm/2")
     with ServerThread(models_dir=directory, models_poll_s=0.3) as srv, httpx.Client(timeout=30) as http:
-        whole = tiny_artifact.read_bytes()
+        whole = with_meta(tiny_artifact, tmp_path / "late-src.pt", name="late").read_bytes()
         late = directory / "late.pt"
         with late.open("wb") as f:  # copied in place, not renamed: seen half-written first
             f.write(whole[: len(whole) // 2])

@@ -268,6 +268,50 @@ def test_sessions_continue_fork_delete_and_errors_are_shown(page: Page, server: 
     shot(page, "05-error-400")
 
 
+def test_continuing_a_session_sends_only_what_was_typed_since(page: Page, server: ServerThread) -> None:
+    sent: list[dict[str, object]] = []
+    page.on("request", lambda req: sent.append(req.post_data_json) if req.url.endswith("/v1/generate") else None)
+    page.click("#session-new")
+    expect(page.locator("#session-id")).to_have_text(re.compile(r"^[A-Za-z0-9_-]{32}$"), timeout=10_000)
+    page.fill("#prompt", "JULIET:\n")
+    set_sampling(page, temperature="0", max_chars="30")
+
+    # a user presses Generate twice, touching nothing in between: the prompt is read once
+    for consumed in ("38", "68"):
+        page.click("#generate")
+        expect(page.locator("#status")).to_contain_text("done: 30 characters", timeout=30_000)
+        expect(page.locator("#session-chars")).to_have_text(consumed, timeout=10_000)
+    assert [body["prompt"] for body in sent] == ["JULIET:\n", ""]
+    expect(page.locator("#prompt")).to_have_value("")
+    expect(page.locator("#prompt")).to_have_attribute("placeholder", re.compile("added to the session"))
+    # the transcript is the prompt once, then only generated text: what one request makes greedily
+    with httpx.Client(timeout=30) as client:
+        body = {"prompt": "JULIET:\n", "max_new_chars": 60, "temperature": 0}
+        greedy = client.post(server.url + "/v1/generate", json=body).json()["text"]
+    assert page.locator("#output-text .prompt").all_text_contents() == ["JULIET:\n"]
+    assert page.locator("#output-text").text_content() == "JULIET:\n" + greedy
+
+    # text typed since is sent once, shown once, and continues the same text
+    page.fill("#prompt", "ROMEO:")
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("done: 30 characters", timeout=30_000)
+    expect(page.locator("#session-chars")).to_have_text("104", timeout=10_000)
+    assert [body["prompt"] for body in sent] == ["JULIET:\n", "", "ROMEO:"]
+    assert page.locator("#output-text .prompt").all_text_contents() == ["JULIET:\n", "ROMEO:"]
+    with httpx.Client(timeout=30) as client:
+        body = {"prompt": "JULIET:\n" + greedy + "ROMEO:", "max_new_chars": 30, "temperature": 0}
+        last = client.post(server.url + "/v1/generate", json=body).json()["text"]
+    assert page.locator("#output-text").text_content() == "JULIET:\n" + greedy + "ROMEO:" + last
+    shot(page, "03b-session-continued-twice")
+
+    # without a session, Generate keeps the prompt for another try
+    page.uncheck("#use-session")
+    page.fill("#prompt", "KING:")
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("done: 30 characters", timeout=30_000)
+    expect(page.locator("#prompt")).to_have_value("KING:")
+
+
 def span_colours(page: Page, selector: str) -> list[str]:
     return page.eval_on_selector_all(selector, "spans => spans.map(s => getComputedStyle(s).backgroundColor)")
 
@@ -373,12 +417,13 @@ def test_the_model_picker_runs_generations_sessions_and_inspections_on_the_picke
     browser: Browser, tiny_artifact: Path, tmp_path: Path
 ) -> None:
     from service.artifact import load_model
-    from tests.service_support import export_random_model
+    from tests.service_support import export_random_model, with_meta
 
     directory = tmp_path / "models"
     directory.mkdir()
-    shutil.copyfile(tiny_artifact, directory / "tiny.pt")
-    export_random_model(directory / "wide.pt", load_model(tiny_artifact).vocab, seed=2, layers=1, hidden=48)
+    with_meta(tiny_artifact, directory / "tiny.pt", name="tiny")
+    wide = export_random_model(tmp_path / "wide.pt", load_model(tiny_artifact).vocab, seed=2, layers=1, hidden=48)
+    with_meta(wide, directory / "wide.pt", name="wide")
     with ServerThread(models_dir=directory, default_model="tiny") as srv, httpx.Client(timeout=30) as client:
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         page = context.new_page()

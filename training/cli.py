@@ -26,12 +26,12 @@ def positive_int(text: str) -> int:
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
-    from training.config import TrainConfig
+    from training.config import TrainConfig, field_comments
 
     p = subparsers.add_parser("train", help="train a model; exports OUT/model.pt at the end")
     p.add_argument("--config", help="TOML file of TrainConfig fields (CLI flags override it)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out if it has a checkpoint")
-    defaults = TrainConfig()
+    defaults, meanings = TrainConfig(), field_comments()
     for f in fields(TrainConfig):
         default = getattr(defaults, f.name)
         p.add_argument(
@@ -39,7 +39,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
             dest=f.name,
             type=type(default),
             default=None,
-            help=f"(default {default!r})",
+            help=f"{meanings[f.name]} (default: {default!r})".replace("%", "%%"),
         )
     p.set_defaults(run=cmd_train)
 
@@ -94,22 +94,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_PREEMPTED
     if not result.is_main:  # under torchrun, rank 0 alone exports
         return 0
-    meta = export(result.checkpoint, files.model)
+    # named by this run's config: a resume may rename it, and its best checkpoint may be older
+    meta = export(result.checkpoint, files.model, config.name or files.out.resolve().name)
     print(
-        f"exported {files.model}: val {meta['val_loss_nats']:.4f} nats/char, {meta['val_bpc']:.4f} bits/char "
-        f"after {meta['train_steps']} steps",
+        f"exported {files.model} (model {meta['name']!r}): val {meta['val_loss_nats']:.4f} nats/char, "
+        f"{meta['val_bpc']:.4f} bits/char after {meta['train_steps']} steps",
         file=sys.stderr,
     )
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from training.config import check_model_name
     from training.export import export
 
+    if args.name is not None:
+        check_model_name(args.name)
     if not Path(args.checkpoint).is_file():
         raise UsageError(f"checkpoint not found: {args.checkpoint}")
-    meta = export(args.checkpoint, args.output)
-    print(f"wrote {args.output} ({meta['params']:,} params, fingerprint {meta['fingerprint'][:19]})")
+    meta = export(args.checkpoint, args.output, args.name)
+    fingerprint = meta["fingerprint"][:19]
+    print(f"wrote {args.output}: model {meta['name']!r}, {meta['params']:,} params, fingerprint {fingerprint}")
     return 0
 
 
@@ -157,7 +162,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="write a TorchScript artifact from a checkpoint")
     p.add_argument("checkpoint")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="the artifact to write")
+    p.add_argument("--name", help="the model's name, its id in the service (default: the run's name or directory)")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("sample", help="stream sampled text from an artifact")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+import tokenize
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -17,10 +20,11 @@ class TrainConfig:
     # data
     corpus: str = "tinyshakespeare"  # a UTF-8 text file, or "tinyshakespeare" to fetch the standard one
     out: str = "runs/default"  # every output of the run: checkpoints, metrics, plot, model.pt
+    name: str = ""  # the model's name, its id in the service's /v1/models ("": the name of the out directory)
     # model (Graves 2013: stacked peephole LSTM with skip connections)
     layers: int = 3  # stacked LSTM layers
     hidden: int = 256  # units per layer
-    dropout: float = 0.1  # between layers and before the output layer
+    dropout: float = 0.1  # dropout probability between layers and before the output layer
     # batches: B contiguous streams through the training text, T characters per step
     batch_size: int = 32  # B, the number of streams
     seq_len: int = 100  # T, the truncated-BPTT length; the state is carried across steps
@@ -51,6 +55,8 @@ class TrainConfig:
             raise ConfigError("need 0 <= min_lr <= learning_rate and learning_rate > 0")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.early_stop_patience < 0:
             raise ConfigError("warmup_steps, grad_clip and early_stop_patience must be >= 0")
+        if self.name:
+            check_model_name(self.name)
         if self.compile not in ("auto", "yes", "no"):
             raise ConfigError(f"compile must be auto, yes or no, got {self.compile!r}")
 
@@ -59,12 +65,34 @@ class TrainConfig:
 
     # Fields that may differ between a run and its resumption without changing the result (beyond
     # float rounding: a run resumes bit for bit only on the same device, with the same compile).
-    RESUMABLE_CHANGES = ("device", "out", "compile")
+    RESUMABLE_CHANGES = ("device", "out", "compile", "name")
 
     def mismatches(self, saved: dict[str, Any]) -> list[str]:
         """Names of the fields whose values differ from a saved run's configuration."""
         mine = self.to_dict()
         return [name for name in mine if name not in self.RESUMABLE_CHANGES and saved.get(name) != mine[name]]
+
+
+MODEL_NAME = re.compile(r"[^/\s\x00-\x1f\x7f]{1,128}")  # an id a URL path (/v1/models/{id}) can carry
+
+
+def check_model_name(name: str) -> str:
+    if not MODEL_NAME.fullmatch(name):
+        raise ConfigError(f"name must be 1-128 characters without '/', spaces or control characters, got {name!r}")
+    return name
+
+
+def field_comments() -> dict[str, str]:
+    """Each field's comment in the class body above (`name: type = default  # meaning`): the
+    meaning `chargen train --help` shows, written once, where a reader of the config sees it."""
+    names = {f.name for f in fields(TrainConfig)}
+    lines = iter(inspect.getsource(TrainConfig).splitlines(keepends=True))
+    comments = {}
+    for token in tokenize.generate_tokens(lambda: next(lines, "")):
+        name = token.line.split(":", 1)[0].strip()
+        if token.type == tokenize.COMMENT and name in names:
+            comments[name] = token.string.lstrip("#").strip()
+    return comments
 
 
 def field_types() -> dict[str, type]:

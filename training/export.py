@@ -29,12 +29,13 @@ def script(model: CharLSTM) -> torch.jit.ScriptModule:
         return torch.jit.script(model)
 
 
-def build_meta(model: CharLSTM, checkpoint: dict[str, Any]) -> dict[str, Any]:
+def build_meta(model: CharLSTM, checkpoint: dict[str, Any], name: str = "model") -> dict[str, Any]:
     val = checkpoint["best_val_loss"]
     finite = val is not None and math.isfinite(val)
     train_config = checkpoint["config"]
     return {
         "format": ARTIFACT_FORMAT,
+        "name": name,  # the id the service serves it as (CHARGEN_MODEL_ID overrides it)
         # the scripted methods, so a reader can tell a newer export from an older one of the
         # same format (artifacts before "inspect" have no "methods" key)
         "methods": list(ARTIFACT_METHODS),
@@ -48,7 +49,7 @@ def build_meta(model: CharLSTM, checkpoint: dict[str, Any]) -> dict[str, Any]:
         "val_loss_nats": val if finite else None,
         "val_bpc": val / LN2 if finite else None,
         "train_steps": checkpoint["step"],
-        "train_config": {k: v for k, v in train_config.items() if k not in ("out", "device", "corpus")},
+        "train_config": {k: v for k, v in train_config.items() if k not in ("out", "device", "corpus", "name")},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch_version": str(torch.__version__),
         "fingerprint": fingerprint(model),
@@ -62,11 +63,17 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> CharLSTM:
     return model.eval()
 
 
-def export(checkpoint_path: str | Path, out_path: str | Path) -> dict[str, Any]:
-    """Write the TorchScript artifact (atomically) and return its meta."""
+def model_name(checkpoint_path: Path, checkpoint: dict[str, Any]) -> str:
+    """The name the run was trained with, else its run directory's (where the checkpoint lies)."""
+    return checkpoint["config"].get("name") or checkpoint_path.resolve().parent.name or "model"
+
+
+def export(checkpoint_path: str | Path, out_path: str | Path, name: str | None = None) -> dict[str, Any]:
+    """Write the TorchScript artifact (atomically) and return its meta; ``name`` overrides the
+    model's name (default: the run's ``name``, else its run directory's)."""
     checkpoint = load_checkpoint(Path(checkpoint_path))
     model = model_from_checkpoint(checkpoint)
-    meta = build_meta(model, checkpoint)
+    meta = build_meta(model, checkpoint, name or model_name(Path(checkpoint_path), checkpoint))
     scripted = script(model)
     extra = {"meta.json": json.dumps(meta, indent=1, ensure_ascii=False)}
     out = Path(out_path)

@@ -195,6 +195,10 @@ function continuing() {
   return Boolean(state.sessionId) && $("use-session").checked;
 }
 
+function showPromptRole() {
+  $("prompt").placeholder = continuing() ? "optional: text added to the session before it continues" : "";
+}
+
 function appendOutput(text, cls) {
   const out = $("output-text");
   // consecutive pieces of one kind share a text node, so a long stream does not make many nodes
@@ -247,6 +251,9 @@ async function generate() {
       signal: controller.signal,
     });
     if (!response.ok) throw await errorFrom(response); // the text so far stays on the page
+    // The session holds the prompt now: sent again, it would be read into the session's text
+    // again. The box keeps only what the user types next (nothing: the session just continues).
+    if (body.session_id) $("prompt").value = "";
     if (!body.session_id) $("output-text").replaceChildren(); // a session's text grows instead
     if (body.prompt) appendOutput(body.prompt, "prompt");
     setStatus("generating…");
@@ -331,6 +338,7 @@ function setSession(id) {
   $("session-id").textContent = id || "none";
   for (const el of ["use-session", "session-fork", "session-delete", "inspect-from-session"]) $(el).disabled = !id;
   $("use-session").checked = Boolean(id);
+  showPromptRole();
   if (!id) {
     $("inspect-from-session").checked = false;
     $("session-chars").textContent = "–";
@@ -625,6 +633,7 @@ function init() {
   $("session-new").addEventListener("click", newSession);
   $("session-fork").addEventListener("click", forkSession);
   $("session-delete").addEventListener("click", deleteSession);
+  $("use-session").addEventListener("change", showPromptRole);
   $("inspector-toggle").addEventListener("click", toggleInspector);
   $("use-output").addEventListener("click", useOutput);
   $("inspect").addEventListener("click", runInspect);
