@@ -1,28 +1,32 @@
-"""Serving throughput: the real service under 1..64 concurrent streams, against the hardware ceiling.
+"""Serving throughput: the real service under 1..64 concurrent streams, against the machine's ceiling.
 
-One run does these, all with the same torch intra-op thread setting (the service's
-``CHARGEN_TORCH_THREADS``, 1 by default):
+One run does these:
 
-1. a diagnostic: the batching engine alone in this process (no HTTP) at each level;
-2. the service with batching on: ``chargen serve`` (uvicorn) in a subprocess with sessions in a
-   real ``redis-server`` started here on a free port; for each level N, N clients each create a
-   session, then all stream ``--chars`` characters at once (SSE, ``POST /v1/generate``), in bursts
-   repeated until ``--min-seconds`` were measured; printed per level: aggregate characters/s
-   (median over the bursts), time to first character (TTFC) and time between characters (TBC),
-   p50 and p99, as the clients see them;
-3. the ceiling: the artifact's ``step`` in a tight loop at the level's batch size, in this
-   process, no HTTP, no sampling (characters/s = batch / seconds per step). This machine drifts
-   ±25 % within minutes, so a level is measured in rounds (bursts for ``--round-seconds``) with a
-   ceiling reading before the first round and after every round; each round's rate is divided by
-   the mean of the two readings around it, and the level's ratio is the median of those paired
-   ratios. The ratio against the highest reading of the level is printed beside it, as the most
-   pessimistic view;
+1. a diagnostic: the batching engine alone in this process (no HTTP) at each level, against the
+   artifact's step at the same thread setting in this process;
+2. the service with batching on: ``chargen serve`` (uvicorn; ``--workers`` worker processes) in a
+   subprocess with sessions in a real ``redis-server`` started here on a free port; for each level
+   N, N clients each create a session, then all stream ``--chars`` characters at once (SSE,
+   ``POST /v1/generate``), in bursts repeated until ``--min-seconds`` were measured; printed per
+   level: aggregate characters/s (median over the bursts), time to first character (TTFC) and
+   time between characters (TBC), p50 and p99, as the clients see them;
+3. the ceiling of this machine: the artifact's ``step`` in a tight loop at the level's batch size,
+   no HTTP, no sampling (characters/s = batch / seconds per step), the better of two ways to use
+   the cores: ONE process with one torch thread per core, and one single-threaded process PER
+   CORE, all at once, the level's rows split between them (their rates summed). Helper processes
+   take the readings (none share this process's threads). This machine drifts ±25 % within
+   minutes, so a level is measured in rounds (bursts for ``--round-seconds``) with a ceiling
+   reading before the first round and after every round; each round's rate is divided by the mean
+   of the two readings around it, and the level's ratio is the median of those paired ratios. The
+   ratio against the highest reading of the level is printed beside it, as the most pessimistic
+   view;
 4. the baseline: the same service with batching off (``CHARGEN_MAX_BATCH=1``) at the highest level.
 
-Then the ratios against the targets of issue 4. Characters that arrive in one SSE event count as
-arriving together (a gap of 0 for all but the first).
+Then the ratios against the targets. Characters that arrive in one SSE event count as arriving
+together (a gap of 0 for all but the first).
 
     python benchmarks/serve_throughput.py                          # chargen/models/shakespeare.pt, 1,8,32,64
+    python benchmarks/serve_throughput.py --workers auto           # one worker process per core
     python benchmarks/serve_throughput.py --model runs/x/model.pt --chars 200 --levels 1,8
     python benchmarks/serve_throughput.py --json out.json          # also write the figures as JSON
 """
@@ -33,6 +37,7 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import signal
@@ -109,6 +114,52 @@ class Ceiling:
         return rates[len(rates) // 2]
 
 
+def ceiling_helper(conn: Any, model_path: str, threads: int) -> None:
+    """A helper process: a Ceiling at `threads` threads, reading (batch, seconds) jobs until None."""
+    roof = Ceiling(Path(model_path), threads)
+    conn.send(roof.read(1, 0.05))  # loaded and warm: ready
+    while (job := conn.recv()) is not None:
+        conn.send(roof.read(*job))
+
+
+class MachineCeiling:
+    """The better of one process with a torch thread per core and one 1-thread process per core.
+
+    On a CPU where a second OpenMP thread barely speeds up these small matrices, the first is one
+    core's ceiling, not the machine's; the second is what N independent engines can reach.
+    """
+
+    def __init__(self, model_path: Path, cores: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.cores = cores
+        self.helpers = []
+        for threads in [cores] + [1] * cores:  # helpers[0]: the wide one; then one per core
+            ours, theirs = context.Pipe()
+            proc = context.Process(target=ceiling_helper, args=(theirs, str(model_path), threads), daemon=True)
+            proc.start()
+            self.helpers.append((proc, ours))
+        for _, conn in self.helpers:
+            conn.recv()
+        self.readings: dict[int, list[dict[str, float]]] = {}  # batch -> each reading's two figures
+
+    def read(self, batch: int, seconds: float) -> float:
+        wide = self.helpers[0][1]
+        wide.send((batch, seconds))
+        one_process = float(wide.recv())
+        shares = [batch // self.cores + (i < batch % self.cores) for i in range(self.cores)]
+        busy = [(conn, rows) for (_, conn), rows in zip(self.helpers[1:], shares, strict=True) if rows]
+        for conn, rows in busy:
+            conn.send((rows, seconds))
+        per_core = sum(float(conn.recv()) for conn, _ in busy)
+        self.readings.setdefault(batch, []).append({"one process": one_process, "per core": per_core})
+        return max(one_process, per_core)
+
+    def close(self) -> None:
+        for proc, conn in self.helpers:
+            conn.send(None)
+            proc.join(10)
+
+
 # ---- the service and redis -----------------------------------------------------------------
 
 
@@ -179,13 +230,26 @@ class Service:
                 self.log.seek(0)
                 raise SystemExit(f"serve_throughput: the service exited:\n{self.log.read().decode()[-2000:]}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200 and self.all_workers_up():
                     return self
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 raise SystemExit("serve_throughput: the service did not become ready")
             time.sleep(0.2)
+
+    def all_workers_up(self) -> bool:
+        """With CHARGEN_WORKERS above 1, /readyz answers once one worker is up: wait for them all."""
+        import httpx
+
+        wanted = self.env.get("CHARGEN_WORKERS", "1")
+        if wanted == "1":
+            return True
+        count = len(os.sched_getaffinity(0)) if wanted == "auto" else int(wanted)
+        for line in httpx.get(self.url + "/metrics", timeout=2).text.splitlines():
+            if line.startswith("chargen_workers "):
+                return float(line.split()[1]) == count
+        return False
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -365,10 +429,14 @@ def run_level(
     measured = 0.0
     got = 0
     bursts = 0
+    client_cpu = client_wall = 0.0
     while measured < min_seconds or not rates:
         round_chars, round_seconds_done = 0, 0.0
         while round_seconds_done < min(round_seconds, min_seconds - measured) or not round_chars:
+            cpu, wall = time.process_time(), time.perf_counter()
             results = run_clients(run_burst(url, streams, chars, prompt, seed, sessions))
+            client_cpu += time.process_time() - cpu
+            client_wall += time.perf_counter() - wall
             round_seconds_done += max(r.ended for r in results) - min(r.started for r in results)
             round_chars += sum(r.chars for r in results)
             ttfc += [r.ttfc for r in results]
@@ -381,7 +449,8 @@ def run_level(
         measured += round_seconds_done
         got += round_chars
     rate = median(rates)
-    extra: dict[str, Any] = {"bursts": bursts, "rounds": len(rates)}
+    # the clients share the cores with the service: what they took (sessions made and deleted included)
+    extra: dict[str, Any] = {"bursts": bursts, "rounds": len(rates), "client_cores": client_cpu / client_wall}
     if ceiling:
         extra |= {
             "ceiling": median(readings),
@@ -478,7 +547,7 @@ def table(title: str, levels: list[Level], ceiling: dict[int, float] | None = No
     lines = [
         title,
         f"{'streams':>7} {'chars/s':>9} {'ceiling':>9} {'x ceiling':>9} {'x highest':>9} {'TTFC p50':>9} "
-        f"{'TTFC p99':>9} {'TBC p50':>8} {'TBC p99':>8}   (ms)",
+        f"{'TTFC p99':>9} {'TBC p50':>8} {'TBC p99':>8}   (ms) {'clients, cores':>14}",
     ]
     for lv in levels:
         roof = lv.extra.get("ceiling") or (ceiling or {}).get(lv.streams) or math.nan
@@ -487,6 +556,7 @@ def table(title: str, levels: list[Level], ceiling: dict[int, float] | None = No
         lines.append(
             f"{lv.streams:>7} {lv.chars_per_s:>9.0f} {roof:>9.0f} {ratio:>9.2f} {pessimistic:>9.2f} "
             f"{lv.ttfc_p50_ms:>9.1f} {lv.ttfc_p99_ms:>9.1f} {lv.tbc_p50_ms:>8.2f} {lv.tbc_p99_ms:>8.2f}"
+            f"      {lv.extra.get('client_cores', math.nan):>14.2f}"
         )
     return "\n".join(lines)
 
@@ -501,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chars", type=int, default=500, help="characters each stream generates")
     parser.add_argument("--levels", default="1,8,32,64", help="concurrent streams, comma-separated")
     parser.add_argument("--prompt", default=PROMPT, help="prompt every stream sends")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (service and ceiling)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the service (per worker)")
+    parser.add_argument("--workers", default="1", help="the service's CHARGEN_WORKERS (a number, or auto)")
     parser.add_argument("--ceiling-seconds", type=float, default=0.75, help="tight-loop time per ceiling reading")
     parser.add_argument("--round-seconds", type=float, default=1.5, help="bursts between two ceiling readings")
     parser.add_argument("--min-seconds", type=float, default=15.0, help="measured time per level (rounds repeat)")
@@ -518,20 +589,26 @@ def main(argv: list[str] | None = None) -> int:
     sessions = not args.no_sessions
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # before torch is imported
 
+    cores = len(os.sched_getaffinity(0))
     print(
         f"model {model}, {args.chars} chars per stream, prompt {len(args.prompt)} chars, "
-        f"torch threads {args.threads}, sessions in Redis: {sessions}",
+        f"torch threads {args.threads}, workers {args.workers}, {cores} cores, sessions in Redis: {sessions}",
         flush=True,
     )
     feed_ms = prompt_feed_ms(model, len(args.prompt), args.threads)
     print(f"prompt feeding: {feed_ms:.2f} ms per prompt (one row)", flush=True)
-    roofs = Ceiling(model, args.threads)
+    one_engine = Ceiling(model, args.threads)  # the diagnostic's own: one process at the service's threads
     engine_only: dict[int, float] = {}
     for n in levels:
-        before = roofs.read(n, args.ceiling_seconds)
+        before = one_engine.read(n, args.ceiling_seconds)
         engine_only[n] = measure_engine(model, n, args.chars, args.prompt, args.threads)
-        ratio = engine_only[n] / ((before + roofs.read(n, args.ceiling_seconds)) / 2)
-        print(f"engine alone (no HTTP), {n} streams: {engine_only[n]:.0f} chars/s ({ratio:.2f} x ceiling)", flush=True)
+        ratio = engine_only[n] / ((before + one_engine.read(n, args.ceiling_seconds)) / 2)
+        print(
+            f"engine alone (no HTTP), {n} streams: {engine_only[n]:.0f} chars/s ({ratio:.2f} x its step "
+            f"in one process at {args.threads} thread(s))",
+            flush=True,
+        )
+    roofs = MachineCeiling(model, cores)
 
     ceiling: dict[int, float] = {}
     readings: dict[str, list[float]] = {}
@@ -558,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         "CHARGEN_MAX_STREAMS": str(max(64, top)),
         "CHARGEN_MAX_QUEUE": str(max(64, top)),
         "CHARGEN_MAX_NEW_CHARS": str(max(4096, args.chars)),
+        "CHARGEN_WORKERS": args.workers,
     }
     batched: list[Level] = []
     baseline: list[Level] = []
@@ -577,20 +655,27 @@ def main(argv: list[str] | None = None) -> int:
                 baseline.append(
                     run_level(service.url, top, args.chars, args.prompt, args.seed, sessions, args.min_seconds)
                 )
+    roofs.close()
     shown = "; ".join(f"{key}: {min(r):.0f}-{max(r):.0f}" for key, r in readings.items())
     print(f"ceiling readings during each level (lowest-highest), chars/s: {shown}", flush=True)
+    ways = {
+        n: {way: median([r[way] for r in got]) for way in ("one process", "per core")}
+        for n, got in roofs.readings.items()
+    }
+    shown = "; ".join(f"{n}: {w['one process']:.0f} vs {w['per core']:.0f}" for n, w in ways.items())
+    print(f"ceiling, one process with {cores} threads vs {cores} one-thread processes (medians): {shown}")
     print()
     print(table("service, batching on (CHARGEN_MAX_BATCH=64)", batched))
     if seeded_single is not None:
         print(table("one seeded stream", [seeded_single]).splitlines()[-1])
     if baseline:
         print(table("\nservice, batching off (CHARGEN_MAX_BATCH=1)", baseline, ceiling))
-    print("\ntargets (issue 4):")
+    print("\ntargets:")
     by_n = {lv.streams: lv for lv in batched}
     checks: dict[str, Any] = {}
     if top in by_n:
         r = by_n[top].extra["ratio"]
-        checks[f"{top} streams >= 0.7 x ceiling@{top}"] = (r, r >= 0.7)
+        checks[f"{top} streams >= 0.8 x the machine's ceiling@{top}"] = (r, r >= 0.8)
         if baseline:
             b = by_n[top].chars_per_s / baseline[0].chars_per_s
             checks[f"{top} streams >= 5 x unbatched baseline"] = (b, b >= 5)
@@ -628,6 +713,9 @@ def main(argv: list[str] | None = None) -> int:
                     "chars_per_stream": args.chars,
                     "prompt_chars": len(args.prompt),
                     "threads": args.threads,
+                    "workers": args.workers,
+                    "cores": cores,
+                    "ceiling_ways": ways,
                     "sessions": sessions,
                     "ceiling": ceiling,
                     "ceiling_readings": readings,

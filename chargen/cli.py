@@ -33,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from service.main import run
     except ImportError as err:
         raise UsageError(f"the service is not available in this install ({err})") from None
-    return run(host=args.host, port=args.port, model=args.model)
+    return run(host=args.host, port=args.port, model=args.model, workers=args.workers)
 
 
 def build_parser() -> Parser:
@@ -46,6 +46,11 @@ def build_parser() -> Parser:
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--model", default=None, help="artifact to serve (default: the bundled model)")
+    p.add_argument(
+        "--workers",
+        default=None,
+        help="worker processes sharing the port, or auto: one per core (default: CHARGEN_WORKERS, else 1)",
+    )
     p.set_defaults(run=cmd_serve)
     return parser
 

@@ -7,6 +7,8 @@ import contextlib
 import copy
 import gc
 import logging
+import os
+import signal
 import socket
 import sys
 import time
@@ -26,7 +28,7 @@ from service.auth import ApiKeys, require_key
 from service.engine import EngineConfig
 from service.errors import ERROR_RESPONSES, install_error_handlers
 from service.generation import Generations
-from service.metrics import Metrics
+from service.metrics import FLUSH_INTERVAL_S, Metrics
 from service.middleware import BodyLimitMiddleware, DrainingReadinessMiddleware, RequestMetricsMiddleware
 from service.repository import ModelRegistry
 from service.repository.watch import watch_models
@@ -64,6 +66,13 @@ def engine_config(settings: Settings) -> EngineConfig:
         flush_interval_s=settings.flush_interval_ms / 1000,
         torch_threads=settings.torch_threads,
     )
+
+
+async def flush_metrics(metrics: Metrics) -> None:
+    """A worker's engine figures into the shared metrics files, so any worker's /metrics has them."""
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL_S)
+        metrics.flush()
 
 
 async def sweep_expired(store: SessionStore, metrics: Metrics, interval_s: float) -> None:
@@ -105,6 +114,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         watcher = None
         if settings.models_dir is not None:  # every process (replica, worker) watches for itself
             watcher = asyncio.create_task(watch_models(registry, settings.model_directories, settings.models_poll_s))
+        flusher = asyncio.create_task(flush_metrics(metrics)) if metrics.shared else None
         # What start-up made (modules, the model, the app) lives as long as the process: freeze it
         # out of the cyclic GC. Its full collections walked all of it, 80-180 ms each under load,
         # and every stream stalled for that long (docs/benchmarks.md).
@@ -124,6 +134,9 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
             await registry.close()
             await generations.drain()  # rows stopped by the engine save what their clients got
             await store.close()
+            if flusher is not None:
+                flusher.cancel()
+                metrics.flush()
 
     app = FastAPI(
         title="chargen",
@@ -183,16 +196,26 @@ class DrainingServer(uvicorn.Server):
     ``drain_timeout_s``, then stops the ones left (each saves its session at what its client was
     sent and ends its stream with an error event), and only then lets uvicorn shut down (the
     lifespan stops the engine thread and closes the store). A second signal exits at once.
+
+    A worker process (``parent_pid`` given) takes its signals from the supervisor, which forwards
+    SIGTERM: it ignores the SIGINT a terminal's Ctrl-C sends the whole process group (or the
+    supervisor's forwarded SIGTERM would count as a second signal), and drains by itself if the
+    supervisor dies.
     """
 
-    def __init__(self, config: uvicorn.Config, generations: Any, drain_timeout_s: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, generations: Any, drain_timeout_s: float, parent_pid: int | None = None
+    ) -> None:
         super().__init__(config)
         self._generations_of = generations  # callable: the app's Generations, once started
         self.drain_timeout_s = drain_timeout_s
+        self.parent_pid = parent_pid
         self._drain_requested = False
         self._drain_deadline: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.parent_pid is not None and sig == signal.SIGINT:
+            return
         # Not recorded in _captured_signals: uvicorn would re-raise it after shutdown, and the
         # process would die of the signal instead of exiting 0 after a clean drain.
         if self._drain_requested or self.should_exit:
@@ -201,6 +224,9 @@ class DrainingServer(uvicorn.Server):
             self._drain_requested = True
 
     async def on_tick(self, counter: int) -> bool:
+        if self.parent_pid is not None and not self._drain_requested and os.getppid() != self.parent_pid:
+            log.warning("the supervisor (pid %d) is gone: draining", self.parent_pid)
+            self._drain_requested = True
         if self._drain_requested and not self.should_exit:
             await self._drain_step()
         return await super().on_tick(counter)
@@ -223,56 +249,99 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def run(host: str | None = None, port: int | None = None, model: str | None = None) -> int:
-    """Serve until interrupted; returns the process exit code (2: bad settings or model)."""
-    overrides = {k: v for k, v in {"host": host, "port": port, "model": model}.items() if v is not None}
+def read_settings(**overrides: Any) -> Settings | None:
+    """The settings, or None after one line on stderr naming each bad CHARGEN_* variable."""
     try:
-        settings = Settings(**overrides)
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as err:
         problems = "; ".join(
             f"CHARGEN_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"]
             for e in err.errors()
         )
         print(f"chargen: error: invalid settings: {problems}", file=sys.stderr)
-        return 2
-    loaded = None
-    if settings.models_dir is None:  # a directory's bad files are listed failed, not fatal
-        try:
-            loaded = load_model(settings.model_path, settings.model_id)
-        except ArtifactError as err:
-            print(f"chargen: error: {err}", file=sys.stderr)
-            return 2
-    app = create_app(settings, loaded)
-    # uvicorn configures only its own loggers: without a handler of their own, the service's info
-    # lines (what it serves, the drain on SIGTERM) went nowhere. They print as uvicorn's do.
-    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    own = {"handlers": ["default"], "level": settings.log_level.upper(), "propagate": False}
-    log_config["loggers"]["chargen"] = own
-    config = uvicorn.Config(
+        return None
+
+
+def read_model(settings: Settings) -> LoadedModel | None:
+    """The artifact to serve, or None after one line on stderr saying what is wrong with it."""
+    try:
+        return load_model(settings.model_path, settings.model_id)
+    except ArtifactError as err:
+        print(f"chargen: error: {err}", file=sys.stderr)
+        return None
+
+
+def logging_config(settings: Settings) -> dict[str, Any]:
+    """uvicorn's logging, with the service's own loggers printing as uvicorn's do.
+
+    uvicorn configures only its own loggers: without a handler of their own, the service's info
+    lines (what it serves, the drain on SIGTERM) went nowhere.
+    """
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["chargen"] = {"handlers": ["default"], "level": settings.log_level.upper(), "propagate": False}
+    return config
+
+
+def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        log_config=log_config,
+        log_config=logging_config(settings),
         log_level=settings.log_level,
         # access lines are info messages: above info they would be formatted only to be dropped
         access_log=settings.log_level.lower() in ("trace", "debug", "info"),
         timeout_graceful_shutdown=10,  # after the drain: only requests without a generation are left
     )
-    server = DrainingServer(config, lambda: getattr(app.state, "generations", None), settings.drain_timeout_s)
-    sockets = None
+
+
+def bind_listener(config: uvicorn.Config, settings: Settings) -> socket.socket | None:
+    """The listening socket (None: uvicorn could not bind it and said why)."""
+    try:
+        listener = config.bind_socket()
+    except SystemExit:
+        return None
     if settings.socket_send_buffer_bytes:
         # Accepted connections inherit the listening socket's send buffer. A fixed size (instead
         # of autotuning up to megabytes) means a client that stops reading blocks the stream's
         # writes after ~2x this many bytes, so the stream window stops its generation promptly.
-        try:
-            listener = config.bind_socket()
-        except SystemExit:
-            return 1
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
-        sockets = [listener]
+    return listener
+
+
+def serve(
+    settings: Settings, loaded: LoadedModel | None, listener: socket.socket | None = None, parent_pid: int | None = None
+) -> int:
+    """One service process on ``listener`` (default: its own socket) until it has drained."""
+    app = create_app(settings, loaded)
+    config = uvicorn_config(app, settings)
+    generations = lambda: getattr(app.state, "generations", None)  # noqa: E731
+    server = DrainingServer(config, generations, settings.drain_timeout_s, parent_pid)
+    if listener is None:
+        listener = bind_listener(config, settings)
+        if listener is None:
+            return 1
     with contextlib.suppress(KeyboardInterrupt):
-        server.run(sockets=sockets)
+        server.run(sockets=[listener])
     return 0 if server.started else 1
+
+
+def run(host: str | None = None, port: int | None = None, model: str | None = None, workers: str | None = None) -> int:
+    """Serve until interrupted; returns the process exit code (2: bad settings or model)."""
+    settings = read_settings(host=host, port=port, model=model, workers=workers)
+    if settings is None:
+        return 2
+    loaded = None
+    if settings.models_dir is None:  # a directory's bad files are listed failed, not fatal
+        loaded = read_model(settings)
+        if loaded is None:
+            return 2
+    if settings.worker_count > 1:
+        from service.workers import supervise
+
+        del loaded  # checked here so that a bad artifact is one error, not one per worker
+        return supervise(settings)
+    return serve(settings, loaded)
 
 
 if __name__ == "__main__":

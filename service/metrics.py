@@ -1,26 +1,47 @@
-"""Prometheus metrics, one registry per app (so several apps can live in one test process)."""
+"""Prometheus metrics, one registry per app (so several apps can live in one test process).
+
+With worker processes (``chargen serve --workers N``) the supervisor points every worker at one
+``PROMETHEUS_MULTIPROC_DIR``: prometheus-client's multiprocess mode, where each process writes its
+values to files there and ``/metrics``, whichever worker answers, shows the sum over all of them
+(gauges: over the live workers). The engine's lock-free collectors copy their totals into those
+files once a second and at each scrape (`Metrics.flush`).
+"""
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by the supervisor for its workers (service/workers.py)
+FLUSH_INTERVAL_S = 1.0  # how stale another worker's engine figures may be in a scrape
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 
 
+def multiprocess() -> bool:
+    """Whether this process is one of several workers writing to a shared metrics directory."""
+    return bool(os.environ.get(MULTIPROCESS_DIR))
+
+
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
+        self.registry = CollectorRegistry()  # what /metrics shows
+        self.shared = multiprocess()
+        # a worker's own metrics live in a registry of their own; /metrics shows every worker's files
+        r = CollectorRegistry() if self.shared else self.registry
+        if self.shared:
+            self.registry.register(AllWorkers(self))
         # HTTP requests, characters and sessions
         self.requests = Counter(
             "chargen_http_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r
@@ -40,23 +61,53 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.active_streams = Gauge("chargen_active_streams", "generation requests in progress", ["model"], registry=r)
+        self.active_streams = Gauge(
+            "chargen_active_streams",
+            "generation requests in progress",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.sessions_created = Counter("chargen_sessions_created", "sessions created (incl. forks)", registry=r)
         self.sessions_expired = Counter("chargen_sessions_expired", "sessions whose TTL ran out", registry=r)
         # the batching engines, one per model
         self.batch_size = EngineHistogramFamily(
             "chargen_engine_batch_size", "rows per model step", buckets=BATCH_BUCKETS, registry=r
         )
-        self.queue_length = Gauge("chargen_engine_queue_length", "generations waiting for a row", ["model"], registry=r)
-        self.streams_running = Gauge("chargen_engine_streams_running", "rows in the engine", ["model"], registry=r)
+        self.queue_length = Gauge(
+            "chargen_engine_queue_length",
+            "generations waiting for a row",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.streams_running = Gauge(
+            "chargen_engine_streams_running", "rows in the engine", ["model"], registry=r, multiprocess_mode="livesum"
+        )
         self.tick_seconds = EngineHistogramFamily(
             "chargen_engine_tick_seconds",
             "engine tick (prefill chunk + step + sampling)",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.models_loaded = Gauge("chargen_models_loaded", "model versions loaded, by status", ["status"], registry=r)
+        self.models_loaded = Gauge(
+            "chargen_models_loaded",
+            "model versions loaded, by status",
+            ["status"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        # 1 per worker process: the sum says how many serve (1 without --workers)
+        self.workers = Gauge("chargen_workers", "worker processes serving", registry=r, multiprocess_mode="livesum")
+        self.workers.set(1)
+        self._engine_side = [self.chars_generated, self.time_between_chars, self.batch_size, self.tick_seconds]
         self._per_model: dict[str, ModelMetrics] = {}
+
+    def flush(self) -> None:
+        """Copy the engines' lock-free totals into this worker's multiprocess files (a no-op alone)."""
+        if self.shared:
+            for family in self._engine_side:
+                family.flush()
 
     def for_model(self, model_id: str) -> ModelMetrics:
         """The series of one model, made on first use and the same object after."""
@@ -73,6 +124,17 @@ class Metrics:
                 tick_seconds=self.tick_seconds.labels(model_id),
             )
         return found
+
+
+class AllWorkers(Collector):
+    """Every worker's metrics from the shared directory, this worker's engine figures fresh."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        self.metrics.flush()
+        yield from MultiProcessCollector(None).collect()
 
 
 @dataclass(frozen=True)
@@ -98,10 +160,16 @@ class EngineHistogram(Collector):
     a scrape a microsecond earlier.
     """
 
-    def __init__(self, buckets: Sequence[float]) -> None:
+    def __init__(self, buckets: Sequence[float], files: list[Any] | None = None) -> None:
         self.bounds = [*buckets, float("inf")]
         self.counts = [0] * len(self.bounds)
         self.sum = 0.0
+        self._files = files or []  # multiprocess: per bucket, then the sum
+
+    def flush(self) -> None:
+        """Write the totals to the multiprocess files (per-bucket counts, as Histogram stores them)."""
+        for file, value in zip(self._files, [*self.counts, self.sum], strict=False):
+            file.set(value)
 
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1  # bucket "le": value <= bound
@@ -115,11 +183,16 @@ class EngineHistogram(Collector):
 class EngineCounter(Collector):
     """A counter that only the engine thread writes (see EngineHistogram)."""
 
-    def __init__(self) -> None:
+    def __init__(self, file: Any = None) -> None:
         self.value = 0.0
+        self._file = file  # multiprocess: the counter's value in this worker's file
 
     def inc(self, amount: float = 1) -> None:
         self.value += amount
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.set(self.value)
 
 
 class EngineHistogramFamily(Collector):
@@ -133,7 +206,24 @@ class EngineHistogramFamily(Collector):
         registry.register(self)
 
     def labels(self, model_id: str) -> EngineHistogram:
-        return self.children.setdefault(model_id, EngineHistogram(self.bucket_bounds))
+        child = self.children.get(model_id)
+        if child is None:
+            files = None
+            if multiprocess():
+                name, doc = self.name, self.documentation
+                bounds = [*self.bucket_bounds, float("inf")]
+                labels = ("model", "le")
+                files = [
+                    values.ValueClass("histogram", name, name + "_bucket", labels, (model_id, floatToGoString(b)), doc)
+                    for b in bounds
+                ]
+                files.append(values.ValueClass("histogram", name, name + "_sum", ("model",), (model_id,), doc))
+            child = self.children[model_id] = EngineHistogram(self.bucket_bounds, files)
+        return child
+
+    def flush(self) -> None:
+        for child in list(self.children.values()):
+            child.flush()
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=["model"])
@@ -152,7 +242,18 @@ class EngineCounterFamily(Collector):
         registry.register(self)
 
     def labels(self, model_id: str) -> EngineCounter:
-        return self.children.setdefault(model_id, EngineCounter())
+        child = self.children.get(model_id)
+        if child is None:
+            file = None
+            if multiprocess():
+                name = self.name
+                file = values.ValueClass("counter", name, name + "_total", ("model",), (model_id,), self.documentation)
+            child = self.children[model_id] = EngineCounter(file)
+        return child
+
+    def flush(self) -> None:
+        for child in list(self.children.values()):
+            child.flush()
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=["model"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,11 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    workers: int | Literal["auto"] = Field(
+        1,
+        description="worker processes sharing the port, each a whole service with one engine (auto: one per "
+        "core this process may use); more than 1 needs sessions in Redis (docs/scaling.md: worker processes)",
+    )
 
     # session state
     state_url: str = Field(
@@ -121,6 +127,11 @@ class Settings(BaseSettings):
         description="how long a Python thread may keep the GIL while another waits (docs: the engine and the GIL)",
     )
     mkldnn: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="the engine's model steps: bf16 weights (turns mkldnn on), fp32, or auto: bf16 only where a "
+        "start-up measurement finds it faster at 1 row and at max_batch rows (docs/benchmarks.md: bf16)",
+    )
     log_level: str = "info"
 
     @field_validator("state_url")
@@ -128,6 +139,19 @@ class Settings(BaseSettings):
     def _known_scheme(cls, value: str) -> str:
         check_url(value)  # its message never repeats the URL, which may hold a password
         return value
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _worker_count(cls, value: object) -> int | str:
+        if value == "auto":
+            return value
+        try:
+            count = int(str(value))
+        except ValueError:
+            count = 0
+        if not 1 <= count <= 256:
+            raise ValueError(f"expected a whole number from 1 to 256, or auto; got {value!r}")
+        return count
 
     @field_validator("redis_prefix")
     @classmethod
@@ -178,6 +202,11 @@ class Settings(BaseSettings):
         if self.models_dir is None:
             return []
         return [Path(part).expanduser() for part in self.models_dir.split(os.pathsep) if part]
+
+    @property
+    def worker_count(self) -> int:
+        """CHARGEN_WORKERS as a number: ``auto`` is the cores this process may run on."""
+        return len(os.sched_getaffinity(0)) if self.workers == "auto" else self.workers
 
     @cached_property
     def model_path(self) -> Path:

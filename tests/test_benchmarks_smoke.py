@@ -35,7 +35,7 @@ def test_serve_throughput_runs_end_to_end(tiny_artifact: Path, tmp_path: Path) -
     args = ["--model", str(tiny_artifact), "--levels", "1,2", "--chars", "20", "--prompt", PROMPT]
     args += ["--ceiling-seconds", "0.1", "--min-seconds", "0", "--also-seeded-single", "--json", str(out)]
     stdout = run_benchmark("serve_throughput.py", args)
-    assert "batching off" in stdout and "targets (issue 4)" in stdout
+    assert "batching off" in stdout and "targets:" in stdout
     figures = json.loads(out.read_text())
     assert [lv["streams"] for lv in figures["batched"]] == [1, 2]
     for lv in figures["batched"]:  # one burst per level: its characters over its duration
@@ -96,3 +96,21 @@ def test_store_capacity_benchmark_runs_end_to_end() -> None:
     assert [line[:20].strip() for line in lines[3:5]] == ["one redis-server", "3-primary cluster"]
     assert lines[5].startswith("cluster / single, ops/s, median of rounds side by side: ")
     assert lines[6] == "each operation: 3 round trips (create; continue = acquire + save-and-release)"
+
+
+def test_precision_quality_compares_fp32_and_bf16(tiny_artifact: Path, corpus_file: Path) -> None:
+    args = ["--model", str(tiny_artifact), "--corpus", str(corpus_file), "--sizes", "1,4", "--rounds", "1"]
+    stdout = run_benchmark("precision_quality.py", args)
+    assert "nats/char: fp32 " in stdout and "bf16 - fp32 " in stdout
+    assert [line.split()[0] for line in stdout.splitlines()[-2:]] == ["1", "4"]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+def test_serve_workers_runs_one_worker_against_two(tiny_artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    args = ["--model", str(tiny_artifact), "--workers", "2", "--clients", "1,2", "--stream-levels", "2"]
+    args += ["--chars", "20", "--seconds", "0.3", "--bursts", "1", "--rounds", "1", "--json", str(out)]
+    stdout = run_benchmark("serve_workers.py", args)
+    assert "1 worker chars/s" in stdout and "workers 2 chars/s" in stdout
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary["chars_per_s"]) == {"1", "2"} and set(summary["ttfc_ms"]) == {"2"}

@@ -22,9 +22,12 @@ import re
 from collections import OrderedDict
 from pathlib import Path
 
+import torch
+
 from chargen.artifact import ArtifactError
 from service.artifact import LoadedModel, load_model
 from service.engine import Engine, EngineConfig
+from service.engine.precision import Choice, choose_precision
 from service.metrics import Metrics
 from service.problems import Problem
 from service.repository.files import FileRecord, scan, signature_of
@@ -155,9 +158,15 @@ class ModelRegistry:
             return
         await self.reconcile()
 
+    def _precision_for(self, model: LoadedModel) -> Choice:
+        """fp32 or bf16 steps (CHARGEN_PRECISION), measured at the engine's thread count for auto."""
+        torch.set_num_threads(self.settings.torch_threads)  # OpenMP thread counts are per calling thread
+        return choose_precision(model, self.settings.precision, self.settings.max_batch, self.settings.mkldnn)
+
     async def _start_version(self, model: LoadedModel, path: Path | None) -> ServedVersion:
         self.metrics.for_model(model.model_id)  # its series exist from the start, at zero
-        engine = Engine(model, self.metrics, self.engine_config)
+        choice = await asyncio.to_thread(self._precision_for, model)
+        engine = Engine(choice.model, self.metrics, self.engine_config)
         assert self._loop is not None
         await asyncio.to_thread(engine.start, self._loop)
         return ServedVersion(model, engine, path)

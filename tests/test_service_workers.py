@@ -1,0 +1,152 @@
+"""`chargen serve --workers N`: real worker processes on one port, sessions in a real Redis.
+
+One supervisor with two workers: both count in /metrics (prometheus multiprocess mode, summed),
+a killed worker is replaced, seeded text and sessions are the same whichever worker answers,
+and SIGTERM drains every worker's streams (each saves its session) before an exit 0 that leaves
+no metrics directory behind. Without Redis, more than one worker is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pytest_redis.executor import RedisExecutor
+
+from service.settings import Settings
+from tests.service_support import CHARGEN, ServerProcess, generate, metric, new_session, wait_until
+
+PROMPT = "JULIET:\nsweet "
+LONG = 8000  # characters each draining stream still has to produce after SIGTERM (well over 0.1 s)
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def stream_to_end(url: str, body: dict[str, Any], started: threading.Event, out: dict[str, Any]) -> None:
+    """One streaming generation: set ``started`` at its first text, keep its text and last event."""
+    text: list[str] = []
+    with httpx.Client(timeout=120) as http, http.stream("POST", f"{url}/v1/generate", json=body) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            text.append(event.get("text", ""))
+            started.set()
+            out["last"] = event
+    out["text"] = "".join(text)
+
+
+def test_auto_is_the_cores_this_process_may_use() -> None:
+    assert Settings(workers="auto").worker_count == len(os.sched_getaffinity(0))
+    assert Settings(workers="3").worker_count == 3
+    assert Settings().worker_count == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "words"),
+    [
+        (["--workers", "2"], {}, "set CHARGEN_STATE_URL=redis://HOST:6379/0 (or run one worker)"),
+        ([], {"CHARGEN_WORKERS": "2"}, "set CHARGEN_STATE_URL=redis://HOST:6379/0 (or run one worker)"),
+        (["--workers", "none"], {}, "CHARGEN_WORKERS: Value error, expected a whole number from 1 to 256, or auto"),
+    ],
+)
+def test_more_workers_than_one_need_redis_and_a_count(
+    tiny_artifact: Path, args: list[str], env: dict[str, str], words: str
+) -> None:
+    done = subprocess.run(
+        [CHARGEN, "serve", "--model", str(tiny_artifact), "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CHARGEN_STATE_URL": "memory://", **env},
+    )
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1 and words in done.stderr, done.stderr
+
+
+def test_workers_share_a_port_replace_the_dead_and_drain_on_sigterm(
+    tiny_artifact: Path, redis_proc: RedisExecutor, tmp_path: Path
+) -> None:
+    state = dict(state_url=f"redis://{redis_proc.host}:{redis_proc.port}/0", redis_prefix=f"w{secrets.token_hex(3)}:")
+    server = ServerProcess(tiny_artifact, workers=2, max_new_chars=LONG, **state)
+    server.env["TMPDIR"] = str(tmp_path)  # where the supervisor makes its metrics directory
+    server.start()
+    supervisor = server.proc
+    assert supervisor is not None
+    try:
+        with httpx.Client(timeout=60) as http:
+            wait_until(lambda: metric(http, server.url, "chargen_workers") == 2, what="both workers")
+            assert len(children(supervisor.pid)) == 2
+            assert [p.name.startswith("chargen-metrics-") for p in tmp_path.iterdir()] == [True]
+
+            # seeded text and sessions do not depend on the worker: each request a new connection
+            seeded = {"prompt": PROMPT, "max_new_chars": 40, "temperature": 1.0, "seed": 5}
+            texts = {httpx.post(f"{server.url}/v1/generate", json=seeded, timeout=60).json()["text"] for _ in range(8)}
+            assert len(texts) == 1
+            whole = generate(
+                http, server.url, session_id=new_session(http, server.url, PROMPT), max_new_chars=60, temperature=0
+            )
+            sid = new_session(http, server.url, PROMPT)
+            parts = [
+                httpx.post(
+                    f"{server.url}/v1/generate",
+                    json={"session_id": sid, "max_new_chars": 20, "temperature": 0},
+                    timeout=60,
+                ).json()["text"]
+                for _ in range(3)
+            ]
+            assert "".join(parts) == whole["text"]
+
+            # every worker's counts, summed: 8 + 1 + 3 generations, 8 * 40 + 60 + 3 * 20 characters
+            generated = 'chargen_http_requests_total{method="POST",route="/v1/generate",status="200"}'
+            assert metric(http, server.url, generated) == 12
+            wait_until(lambda: metric(http, server.url, "chargen_chars_generated_total") == 440, what="flushes")
+
+            # a worker that dies is replaced; the dead one leaves the live gauge
+            victim = children(supervisor.pid)[0]
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda: victim not in children(supervisor.pid) and len(children(supervisor.pid)) == 2)
+            wait_until(lambda: metric(http, server.url, "chargen_workers") == 2, what="the replacement")
+            assert supervisor.poll() is None
+
+            # SIGTERM: both workers drain, their streams end whole and their sessions are saved
+            sessions = [new_session(http, server.url, PROMPT) for _ in range(4)]
+            outs: list[dict[str, Any]] = [{} for _ in sessions]
+            started = [threading.Event() for _ in sessions]
+            threads = [
+                threading.Thread(
+                    target=stream_to_end,
+                    args=(server.url, {"session_id": s, "max_new_chars": LONG, "stream": True}, started[i], outs[i]),
+                )
+                for i, s in enumerate(sessions)
+            ]
+            for thread in threads:
+                thread.start()
+            for event in started:
+                assert event.wait(60)
+            supervisor.send_signal(signal.SIGTERM)
+            draining = wait_until(lambda: http.get(f"{server.url}/readyz").status_code == 503, what="draining")
+            assert draining
+            for thread in threads:
+                thread.join(120)
+            assert supervisor.wait(60) == 0
+        assert [len(out["text"]) for out in outs] == [LONG] * 4
+        assert [out["last"]["finish_reason"] for out in outs] == ["length"] * 4
+        assert list(tmp_path.iterdir()) == []  # the metrics directory went with the supervisor
+    finally:
+        server.stop()
+
+    # the drained sessions are in Redis at what their clients got: a fresh server continues them
+    with ServerProcess(tiny_artifact, **state) as single, httpx.Client(timeout=60) as http:
+        consumed = [http.get(f"{single.url}/v1/sessions/{s}").json()["chars_consumed"] for s in sessions]
+        assert consumed == [len(PROMPT) + LONG] * 4
