@@ -13,7 +13,7 @@ from service.engine.batch import Batch
 from service.engine.handover import Handover
 from service.engine.requests import Finished, StreamHandle
 from service.engine.row import DONE, Row
-from service.metrics import Metrics
+from service.metrics import ModelMetrics
 from service.state_codec import SessionState, encode_state
 
 
@@ -23,7 +23,9 @@ class Outputs:
     ``leave`` removes a finished row from the engine's rows and batches.
     """
 
-    def __init__(self, model: LoadedModel, metrics: Metrics, handover: Handover, leave: Callable[[Row], None]) -> None:
+    def __init__(
+        self, model: LoadedModel, metrics: ModelMetrics, handover: Handover, leave: Callable[[Row], None]
+    ) -> None:
         self.model = model
         self.metrics = metrics
         self.handover = handover

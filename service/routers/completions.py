@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.artifact import LoadedModel
 from service.auth import OwnerDep
-from service.dependencies import GenerationsDep, ModelDep
+from service.dependencies import GenerationsDep
 from service.errors import ApiError
 from service.generation import GenerationSpec
 from service.job import Job
@@ -65,17 +65,7 @@ class CompletionRequest(BaseModel):
         temperature = 1.0 if self.temperature is None else self.temperature
         params = SamplingParams(temperature, self.top_k, self.top_p, self.seed)
         max_new = 16 if self.max_tokens is None else self.max_tokens
-        return GenerationSpec(self.prompt, max_new, params, stop, self.session_id, bool(self.stream))
-
-
-def check_model(requested: str, model: LoadedModel) -> None:
-    if requested not in (model.model_id, model.fingerprint):
-        raise ApiError(
-            404,
-            f"model: {requested!r} is not served here (this service runs {model.model_id!r})",
-            "model",
-            "model_not_found",
-        )
+        return GenerationSpec(self.prompt, max_new, params, stop, self.session_id, bool(self.stream), model=self.model)
 
 
 def chunk(
@@ -94,15 +84,18 @@ def chunk(
 
 @router.post("/completions", responses={200: {"content": {"text/event-stream": {}}}})
 async def completions(
-    body: CompletionRequest, request: Request, generations: GenerationsDep, model: ModelDep, owner: OwnerDep
+    body: CompletionRequest, request: Request, generations: GenerationsDep, owner: OwnerDep
 ) -> Response:
     received = time.perf_counter()
-    check_model(body.model, model)
+    if body.session_id is None:  # an unknown model is a 404 before anything else
+        generations.registry.resolve(body.model)
     body.check_supported()
     spec = body.spec()
     spec.owner = owner
     generations.validate(spec, max_param="max_tokens")
     job = await generations.start(spec, received)
+    assert job.version is not None
+    model = job.version.model  # a session's requests run on the version it was made on
     completion_id = "cmpl-" + secrets.token_hex(12)
     created = int(time.time())
     if spec.stream:

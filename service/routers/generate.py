@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.auth import OwnerDep
-from service.dependencies import GenerationsDep, ModelDep
+from service.dependencies import GenerationsDep
 from service.engine import Finished
 from service.generation import GenerationSpec
 from service.job import Job
@@ -35,11 +35,18 @@ class GenerateRequest(BaseModel):
     stop: list[str] | None = Field(None, description="at most 4; the stop string is not returned")
     session_id: str | None = None
     stream: bool = False
+    model: str | None = Field(None, description="model id or version fingerprint (default: the default model)")
 
     def spec(self) -> GenerationSpec:
         params = SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
         return GenerationSpec(
-            self.prompt, self.max_new_chars, params, tuple(self.stop or ()), self.session_id, self.stream
+            self.prompt,
+            self.max_new_chars,
+            params,
+            tuple(self.stop or ()),
+            self.session_id,
+            self.stream,
+            model=self.model,
         )
 
 
@@ -61,9 +68,7 @@ def usage(spec: GenerationSpec, completion_chars: int) -> dict[str, int]:
 
 
 @router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}})
-async def generate(
-    body: GenerateRequest, request: Request, generations: GenerationsDep, model: ModelDep, owner: OwnerDep
-) -> Response:
+async def generate(body: GenerateRequest, request: Request, generations: GenerationsDep, owner: OwnerDep) -> Response:
     received = time.perf_counter()
     spec = body.spec()
     spec.owner = owner
@@ -76,7 +81,7 @@ async def generate(
         text=text,
         finish_reason=finished.reason,  # type: ignore[arg-type]
         session_id=spec.session_id,
-        model=model.model_id,
+        model=job.model_id,
         usage=Usage(**usage(spec, finished.completion_chars)),
     )
     return JSONResponse(payload.model_dump())
