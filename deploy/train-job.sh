@@ -56,4 +56,4 @@ mkdir -p "$models_dir"
 tmp="$models_dir/.$name.tmp.$$"
 cp "$out/model.pt" "$tmp"
 mv -f "$tmp" "$models_dir/$name"
-echo "train-job: published $models_dir/$name; serve it with CHARGEN_MODEL=$models_dir/$name" >&2
+echo "train-job: published $models_dir/$name; replicas watching $models_dir serve it without a restart" >&2

@@ -11,11 +11,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.artifact import LoadedModel
-from service.engine import Engine
 from service.errors import ApiError
 from service.generation import Generations
 from service.metrics import Metrics
+from service.repository import ModelRegistry
 from service.settings import Settings
 from service.state_store import SessionStore
 
@@ -31,12 +30,9 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-async def get_model(request: Request) -> LoadedModel:
-    return _state(request, "model")  # type: ignore[return-value]
-
-
-async def get_engine(request: Request) -> Engine:
-    return _state(request, "engine")  # type: ignore[return-value]
+async def get_registry(request: Request) -> ModelRegistry:
+    """The models served: a route resolves the request's ``model`` (or its session's) with it."""
+    return _state(request, "registry")  # type: ignore[return-value]
 
 
 async def get_store(request: Request) -> SessionStore:
@@ -52,8 +48,7 @@ async def get_metrics(request: Request) -> Metrics:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-ModelDep = Annotated[LoadedModel, Depends(get_model)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 StoreDep = Annotated[SessionStore, Depends(get_store)]
 GenerationsDep = Annotated[Generations, Depends(get_generations)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

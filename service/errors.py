@@ -22,6 +22,7 @@ log = logging.getLogger("chargen.service")
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",  # what OpenAI sends for a bad key (code: invalid_api_key)
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     409: "conflict_error",
@@ -46,8 +47,10 @@ STATUS_OF_PROBLEM = {
     "choices_with_session": 400,
     "unknown_token": 400,
     "session_not_found": 404,
+    "model_not_found": 404,
     "session_busy": 409,
     "model_mismatch": 409,
+    "model_version_retired": 409,
     "invalid_session_state": 409,
     "lease_lost": 409,
     "capacity": 429,
@@ -109,21 +112,21 @@ class ErrorEnvelope(BaseModel):
     error: ErrorDetail
 
 
-def _error(description: str) -> dict[str, Any]:
+def error_response(description: str) -> dict[str, Any]:
     return {"model": ErrorEnvelope, "description": description}
 
 
 # Declared on every API route (main.py passes it to include_router), so the OpenAPI document says
 # what the service really answers and schemathesis can check error bodies against it.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _error("invalid request: a field out of range, malformed JSON, unknown characters, ..."),
-    401: _error("API keys are configured and the request has no valid Authorization: Bearer key"),
-    404: _error("unknown route, session (or one owned by another key) or model"),
-    405: _error("method not allowed on this route"),
-    409: _error("the session is in use by another request, or was saved by another model"),
-    413: _error("body larger than CHARGEN_MAX_BODY_BYTES"),
-    429: _error("at capacity, or the API key's concurrent stream limit; see Retry-After"),
-    503: _error("the session store is unavailable, or the service is starting or shutting down"),
+    400: error_response("invalid request: a field out of range, malformed JSON, unknown characters, ..."),
+    401: error_response("API keys are configured and the request has no valid Authorization: Bearer key"),
+    404: error_response("unknown route, session (or one owned by another key) or model"),
+    405: error_response("method not allowed on this route"),
+    409: error_response("the session is in use by another request, was saved by another model, or its version retired"),
+    413: error_response("body larger than CHARGEN_MAX_BODY_BYTES"),
+    429: error_response("at capacity, or the API key's concurrent stream limit; see Retry-After"),
+    503: error_response("the session store is unavailable, or the service is starting or shutting down"),
 }
 
 

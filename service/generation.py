@@ -16,11 +16,11 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from service.artifact import LoadedModel
-from service.engine import Engine, EngineFull, EngineStopped, GenerationRequest
+from service.engine import EngineFull, EngineStopped, GenerationRequest
 from service.job import Job, Outcome
 from service.metrics import Metrics
 from service.problems import Problem, unknown_characters
+from service.repository import ModelRegistry, ServedVersion
 from service.sampling import SamplingParams
 from service.session_access import release_quietly, state_for, take_lease
 from service.settings import Settings
@@ -36,18 +36,16 @@ class GenerationSpec:
     session_id: str | None = None
     stream: bool = False
     owner: str | None = None  # the caller's API key owner id (None: keys not configured)
+    model: str | None = None  # the model id (or version fingerprint) asked for; None: the default
     n: int = 1  # choices, each its own generation from the prompt read once
     logprobs: int | None = None  # None: none; k: each character's log-probability and the top k
     echo: bool = False  # the prompt is returned before each choice's text (scored with logprobs)
 
 
 class Generations:
-    def __init__(
-        self, engine: Engine, store: SessionStore, model: LoadedModel, settings: Settings, metrics: Metrics
-    ) -> None:
-        self.engine = engine
+    def __init__(self, registry: ModelRegistry, store: SessionStore, settings: Settings, metrics: Metrics) -> None:
+        self.registry = registry
         self.store = store
-        self.model = model
         self.settings = settings
         self.metrics = metrics
         self._tasks: set[asyncio.Task[Outcome]] = set()
@@ -72,17 +70,11 @@ class Generations:
         if spec.n > 1 and spec.session_id is not None:
             message = "n: a session has one text, so n > 1 cannot continue it; leave out session_id or send n=1"
             raise Problem("choices_with_session", message, "n")
-        vocab = len(self.model.vocab)
-        for char_id, _ in spec.params.logit_bias:
-            if not 0 <= char_id < vocab:
-                message = f"logit_bias: {char_id} is not a character id (0..{vocab - 1}, see /v1/models' vocab)"
-                raise Problem("unknown_token", message, "logit_bias")
         if len(spec.prompt) > s.max_prompt_chars:
             message = f"{prompt_param}: {len(spec.prompt)} characters, more than the limit of {s.max_prompt_chars}"
             raise Problem("prompt_too_long", message, prompt_param)
-        unknown = self.model.unknown_chars(spec.prompt)
-        if unknown:
-            raise unknown_characters(prompt_param, unknown)
+        if spec.session_id is None:  # with a session, its model is known once its state is read
+            check_for_model(self.registry.resolve(spec.model), spec, prompt_param)
         if spec.max_new_chars > s.max_new_chars:
             message = f"{max_param}: {spec.max_new_chars} is over the limit of {s.max_new_chars}"
             raise Problem("too_many_chars", message, max_param)
@@ -131,10 +123,14 @@ class Generations:
         if sid is not None:
             token, blob = await take_lease(self.store, sid, spec.owner)
         try:
-            if sid is not None:
-                state = state_for(self.model, blob)
+            if sid is not None:  # a session stays on the model version it was made on
+                version = self.registry.for_session(blob, spec.model)
+                check_for_model(version, spec)
+                state = state_for(version.model, blob)
+            else:
+                version = self.registry.resolve(spec.model)
             request = GenerationRequest(
-                prompt_ids=self.model.encode(spec.prompt),
+                prompt_ids=version.model.encode(spec.prompt),
                 max_new_chars=spec.max_new_chars,
                 params=spec.params,
                 stop=spec.stop,
@@ -146,7 +142,7 @@ class Generations:
                 score_prompt=spec.echo and spec.logprobs is not None,
             )
             try:
-                handle = self.engine.submit(request)
+                handle = version.engine.submit(request)
             except EngineFull as err:
                 message = f"the service is at capacity ({err}); retry shortly"
                 raise Problem("capacity", message, retry_after_s=self.settings.retry_after_s) from None
@@ -156,13 +152,16 @@ class Generations:
             if sid is not None and token is not None:
                 await release_quietly(self.store, sid, token)
             raise
+        metrics = self.metrics.for_model(version.model_id)
         received = received_at or time.perf_counter()
         return [
-            self._run(Job(self.store, self.settings, self.metrics, spec, h, token if i == 0 else None, received))
+            self._run(Job(self.store, self.settings, metrics, spec, h, token if i == 0 else None, received), version)
             for i, h in enumerate([handle, *handle.siblings])  # only n=1 has a session (validate)
         ]
 
-    def _run(self, job: Job) -> Job:
+    def _run(self, job: Job, version: ServedVersion) -> Job:
+        job.version = version
+        version.jobs += 1  # the version stays loaded until this job has saved its session
         task = asyncio.get_running_loop().create_task(job.finalize())
         self._tasks.add(task)
         self._jobs.add(job)
@@ -171,6 +170,7 @@ class Generations:
             self._tasks.discard(task)
             self._jobs.discard(job)
             self._free_slot(job.spec.owner)  # one of the slots taken in start_choices()
+            version.jobs -= 1
 
         task.add_done_callback(done)
         job.attach(task)
@@ -180,3 +180,15 @@ class Generations:
         """Wait for in-flight saves (at shutdown)."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+
+
+def check_for_model(version: ServedVersion, spec: GenerationSpec, prompt_param: str = "prompt") -> None:
+    """What depends on the model: the prompt's characters and logit_bias's character ids."""
+    vocab = len(version.model.vocab)
+    for char_id, _ in spec.params.logit_bias:
+        if not 0 <= char_id < vocab:
+            message = f"logit_bias: {char_id} is not a character id (0..{vocab - 1}, see /v1/models' vocab)"
+            raise Problem("unknown_token", message, "logit_bias")
+    unknown = version.model.unknown_chars(spec.prompt)
+    if unknown:
+        raise unknown_characters(prompt_param, unknown)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from service.engine import Finished, StreamHandle
-from service.metrics import Metrics
+from service.metrics import ModelMetrics
 from service.problems import Problem, store_unavailable
 from service.session_access import release_quietly
 from service.settings import Settings
@@ -23,6 +23,7 @@ from service.state_store import SessionStore, StoreUnavailable
 
 if TYPE_CHECKING:
     from service.generation import GenerationSpec
+    from service.repository import ServedVersion
 
 log = logging.getLogger("chargen.service")
 
@@ -37,15 +38,21 @@ class Outcome:
 class Job:
     store: SessionStore
     settings: Settings
-    metrics: Metrics
+    metrics: ModelMetrics  # the series of the job's model
     spec: GenerationSpec
     handle: StreamHandle
     token: str | None  # the session's lease, if it has a session
     received_at: float  # perf_counter() when the request arrived (time to first character)
+    version: ServedVersion | None = field(default=None, init=False)  # the model version it runs on
     _task: asyncio.Task[Outcome] | None = field(default=None, init=False)
     _first: bool = field(default=True, init=False)
     _unsent_since: float | None = field(default=None, init=False)  # a piece was handed to the response, not yet sent
     _stop_requested: bool = field(default=False, init=False)
+
+    @property
+    def model_id(self) -> str:
+        assert self.version is not None
+        return self.version.model_id
 
     @property
     def session_id(self) -> str | None:

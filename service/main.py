@@ -25,13 +25,14 @@ from pydantic import ValidationError
 from chargen.artifact import ArtifactError
 from service.artifact import LoadedModel, load_model
 from service.auth import ApiKeys, require_key
-from service.engine import Engine, EngineConfig
-from service.engine.precision import Choice, choose_precision
+from service.engine import EngineConfig
 from service.errors import ERROR_RESPONSES, install_error_handlers
 from service.generation import Generations
 from service.metrics import FLUSH_INTERVAL_S, Metrics
 from service.middleware import BodyLimitMiddleware, DrainingReadinessMiddleware, RequestMetricsMiddleware
-from service.routers import completions, generate, health, inspect, models, playground, sessions
+from service.repository import ModelRegistry
+from service.repository.watch import watch_models
+from service.routers import admin, completions, generate, health, inspect, models, playground, sessions
 from service.settings import Settings
 from service.state_store import SessionStore, StoreUnavailable, open_store
 
@@ -49,12 +50,6 @@ def configure_torch(settings: Settings) -> None:
     # With Python's default 5 ms switch interval it waited behind a busy event loop for up to
     # 5 ms per step: a 5 ms step ran at a quarter of its speed beside a thread running Python.
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-
-
-def pick_precision(model: LoadedModel, settings: Settings) -> Choice:
-    """fp32 or bf16 steps (CHARGEN_PRECISION), measured at the engine's thread count for auto."""
-    torch.set_num_threads(settings.torch_threads)  # OpenMP thread counts are per calling thread
-    return choose_precision(model, settings.precision, settings.max_batch, settings.mkldnn)
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -93,26 +88,32 @@ async def sweep_expired(store: SessionStore, metrics: Metrics, interval_s: float
 
 
 def create_app(settings: Settings | None = None, model: LoadedModel | None = None) -> FastAPI:
-    """The FastAPI app. The model is loaded (off the event loop) at start-up unless given."""
+    """The FastAPI app. The model (or every model of CHARGEN_MODELS_DIR) is loaded off the event
+    loop at start-up unless given."""
     settings = settings or Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = model or await asyncio.to_thread(load_model, settings.model_path, settings.model_id)
         configure_torch(settings)
-        choice = await asyncio.to_thread(pick_precision, loaded, settings)
-        engine = Engine(choice.model, metrics, engine_config(settings))
-        await asyncio.to_thread(engine.start, asyncio.get_running_loop())
+        registry = ModelRegistry(settings, metrics, engine_config(settings))
+        if settings.models_dir is None:
+            single = model or await asyncio.to_thread(load_model, settings.model_path, settings.model_id)
+            await registry.start(single)
+        else:
+            await registry.start()
         store = open_store(settings)
         try:
             await store.open_connections(settings.max_streams)
         except StoreUnavailable as err:  # not fatal: /readyz reports it, and the pool connects later
             log.warning("cannot connect to the session store yet: %s", err)
-        generations = Generations(engine, store, loaded, settings, metrics)
-        app.state.model, app.state.engine, app.state.store = loaded, engine, store
+        generations = Generations(registry, store, settings, metrics)
+        app.state.registry, app.state.store = registry, store
         app.state.generations = generations
         sweeper = asyncio.create_task(sweep_expired(store, metrics, settings.sweep_interval_s))
+        watcher = None
+        if settings.models_dir is not None:  # every process (replica, worker) watches for itself
+            watcher = asyncio.create_task(watch_models(registry, settings.model_directories, settings.models_poll_s))
         flusher = asyncio.create_task(flush_metrics(metrics)) if metrics.shared else None
         # What start-up made (modules, the model, the app) lives as long as the process: freeze it
         # out of the cyclic GC. Its full collections walked all of it, 80-180 ms each under load,
@@ -120,16 +121,17 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         gc.collect()
         gc.freeze()
         log.info(
-            "serving %s (%s) with sessions in %s",
-            loaded.model_id,
-            loaded.fingerprint[:19],
+            "serving %s with sessions in %s",
+            ", ".join(f"{v.model_id} ({v.fingerprint[:19]})" for v in registry.all_versions()) or "no model yet",
             store.describe(),  # never the URL's user name or password
         )
         try:
             yield
         finally:
             sweeper.cancel()
-            await asyncio.to_thread(engine.stop)
+            if watcher is not None:
+                watcher.cancel()
+            await registry.close()
             await generations.drain()  # rows stopped by the engine save what their clients got
             await store.close()
             if flusher is not None:
@@ -145,6 +147,7 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.api_keys = ApiKeys(settings.api_keys.get_secret_value())
+    app.state.admin_keys = ApiKeys(settings.admin_keys.get_secret_value())
     install_error_handlers(app)
     # API routes: the API key check (a no-op without CHARGEN_API_KEYS) and the error responses
     # they can give, declared for the OpenAPI document. Health, metrics and the playground page
@@ -152,6 +155,8 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
     protected = [Depends(require_key)]
     for router in (generate.router, completions.router, models.router, sessions.router, inspect.router):
         app.include_router(router, prefix=API_PREFIX, dependencies=protected, responses=ERROR_RESPONSES)
+    # load/unload: operators' admin keys (CHARGEN_ADMIN_KEYS), checked by the routes themselves
+    app.include_router(admin.router, prefix=API_PREFIX, responses=ERROR_RESPONSES)
     app.include_router(health.router)  # /healthz, /readyz, /metrics: where probes and scrapers look
     app.include_router(playground.router)  # GET /: the playground page
     playground.mount_static(app)
@@ -249,7 +254,10 @@ def read_settings(**overrides: Any) -> Settings | None:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as err:
-        problems = "; ".join(f"CHARGEN_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(
+            f"CHARGEN_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in err.errors()
+        )
         print(f"chargen: error: invalid settings: {problems}", file=sys.stderr)
         return None
 
@@ -302,7 +310,7 @@ def bind_listener(config: uvicorn.Config, settings: Settings) -> socket.socket |
 
 
 def serve(
-    settings: Settings, loaded: LoadedModel, listener: socket.socket | None = None, parent_pid: int | None = None
+    settings: Settings, loaded: LoadedModel | None, listener: socket.socket | None = None, parent_pid: int | None = None
 ) -> int:
     """One service process on ``listener`` (default: its own socket) until it has drained."""
     app = create_app(settings, loaded)
@@ -323,9 +331,11 @@ def run(host: str | None = None, port: int | None = None, model: str | None = No
     settings = read_settings(host=host, port=port, model=model, workers=workers)
     if settings is None:
         return 2
-    loaded = read_model(settings)
-    if loaded is None:
-        return 2
+    loaded = None
+    if settings.models_dir is None:  # a directory's bad files are listed failed, not fatal
+        loaded = read_model(settings)
+        if loaded is None:
+            return 2
     if settings.worker_count > 1:
         from service.workers import supervise
 

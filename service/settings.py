@@ -21,7 +21,21 @@ class Settings(BaseSettings):
     # what to serve and where
     model: str | None = Field(None, description="TorchScript artifact to serve (default: the bundled model)")
     model_id: str | None = Field(
-        None, description="id shown in /v1/models (default: meta.json's name, else the file's stem)"
+        None, description="id of the one model (default: its meta.json name, else the file's stem); not with models_dir"
+    )
+    # a model repository (docs/models.md): every artifact in a directory, watched for changes
+    models_dir: str | None = Field(
+        None, description="serve every *.pt artifact in this directory, or DIR:DIR... (not with model); watched"
+    )
+    default_model: str | None = Field(None, description="the id used when a request names none (default: newest)")
+    keep_versions: int = Field(
+        1, ge=0, description="earlier versions of a replaced model kept loaded for the sessions made on them"
+    )
+    max_models: int = Field(8, ge=1, description="models served at once; a file past the limit is listed failed")
+    models_poll_s: float = Field(2.0, gt=0, description="the directory is rescanned at least this often")
+    admin_keys: SecretStr = Field(
+        SecretStr(""),
+        description="comma-separated keys (or sha256:<hex>) for POST /v1/models/{id}/load|unload; empty: disabled",
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -162,6 +176,33 @@ class Settings(BaseSettings):
         if (self.state_tls_cert_file is None) != (self.state_tls_key_file is None):
             raise ValueError("CHARGEN_STATE_TLS_CERT_FILE and CHARGEN_STATE_TLS_KEY_FILE go together")
         return self
+
+    @field_validator("model", "model_id", "models_dir", "default_model", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # compose and Kubernetes set a variable to "" to clear an image's default
+        if isinstance(value, Path):
+            return str(value)
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _one_source_of_models(self) -> Settings:
+        if self.models_dir is not None:
+            if self.model is not None:
+                raise ValueError("CHARGEN_MODEL and CHARGEN_MODELS_DIR are exclusive: serve one file or a directory")
+            if self.model_id is not None:
+                raise ValueError("CHARGEN_MODEL_ID names the one model of CHARGEN_MODEL; not with CHARGEN_MODELS_DIR")
+            for directory in self.model_directories:
+                if not directory.is_dir():
+                    raise ValueError(f"CHARGEN_MODELS_DIR: {directory} is not a directory")
+        return self
+
+    @property
+    def model_directories(self) -> list[Path]:
+        """CHARGEN_MODELS_DIR's directories (separated by ':', as in PATH); empty without it."""
+        if self.models_dir is None:
+            return []
+        return [Path(part).expanduser() for part in self.models_dir.split(os.pathsep) if part]
 
     @property
     def worker_count(self) -> int:

@@ -154,9 +154,11 @@ def worker_main(parent_pid: int) -> int:
     except OSError as err:
         print(f"chargen: error: cannot bind {settings.host}:{settings.port}: {err}", file=sys.stderr)
         return 1
-    loaded = read_model(settings)
-    if loaded is None:
-        return EXIT_USAGE
+    loaded = None
+    if settings.models_dir is None:  # a directory's bad files are listed failed, not fatal
+        loaded = read_model(settings)
+        if loaded is None:
+            return EXIT_USAGE
     return serve(settings, loaded, listener, parent_pid)
 
 

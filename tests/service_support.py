@@ -70,7 +70,8 @@ class ServerThread:
 class ServerProcess:
     """`chargen serve` in its own process, configured through CHARGEN_* variables."""
 
-    def __init__(self, model: Path, port: int | None = None, **env: Any) -> None:
+    def __init__(self, model: Path | None, port: int | None = None, **env: Any) -> None:
+        """``model`` None: no --model (with ``models_dir=...`` in ``env``, a models directory)."""
         self.model = model
         self.port = port or free_port()
         self.env = {**os.environ, **{f"CHARGEN_{k.upper()}": str(v) for k, v in env.items()}}
@@ -78,8 +79,9 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServerProcess:
+        model = ["--model", str(self.model)] if self.model is not None else []
         self.proc = subprocess.Popen(
-            [CHARGEN, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--model", str(self.model)],
+            [CHARGEN, "serve", "--host", "127.0.0.1", "--port", str(self.port), *model],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -165,6 +167,20 @@ def export_random_model(out: Path, vocab: list[str], seed: int, layers: int = 2,
     scripted = script(model)
     with jit_deprecation_accepted():
         torch.jit.save(scripted, str(out), _extra_files={"meta.json": json.dumps(meta)})
+    return out
+
+
+def with_meta(source: Path, out: Path, **changes: Any) -> Path:
+    """The same artifact with meta.json changed (its name, a newer format, ...)."""
+    import torch
+
+    from chargen.artifact import jit_deprecation_accepted
+
+    extra = {"meta.json": ""}
+    with jit_deprecation_accepted():
+        module = torch.jit.load(str(source), _extra_files=extra)
+        meta = json.loads(extra["meta.json"]) | changes
+        torch.jit.save(module, str(out), _extra_files={"meta.json": json.dumps(meta)})
     return out
 
 

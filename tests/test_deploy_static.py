@@ -272,7 +272,11 @@ def test_compose_topology_is_what_the_docs_describe() -> None:
     assert trainer["environment"]["CHARGEN_CACHE"] == "/data"
     (device,) = trainer["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-    # The api reads the same models volume the trainer publishes into.
-    assert any(v.split(":")[:2] == [mounts["/models"], "/models"] for v in api["volumes"])
+    # The api reads (only) the same models volume the trainer publishes into, and watches it.
+    assert f"{mounts['/models']}:/models:ro" in api["volumes"]
+    # the bundled model's directory in the image, then the volume; the image's CHARGEN_MODEL cleared
+    assert (
+        api["environment"]["CHARGEN_MODELS_DIR"] == "/app/models:/models" and api["environment"]["CHARGEN_MODEL"] == ""
+    )
     # Named volumes, so data, checkpoints and models outlive containers.
     assert {mounts["/data"], mounts["/runs"], mounts["/models"]} <= set(compose()["volumes"])

@@ -97,7 +97,9 @@ def api_environment(redis_port: int, model: Path) -> dict[str, str]:
     env = {k: interpolate(str(v)) for k, v in compose_services()["api"]["environment"].items()}
     assert env["CHARGEN_STATE_URL"].startswith("redis://redis:6379/")
     env["CHARGEN_STATE_URL"] = env["CHARGEN_STATE_URL"].replace("redis:6379", f"127.0.0.1:{redis_port}")
-    env["CHARGEN_MODEL"] = str(model)  # the compose value is a path inside the image
+    # the compose value is the image's directory and a volume: here, the one model file instead
+    assert env.pop("CHARGEN_MODELS_DIR") == "/app/models:/models"
+    env["CHARGEN_MODEL"] = str(model)
     return env
 
 

@@ -66,7 +66,7 @@ def test_success_publishes_the_model_under_the_run_name(tmp_path: Path) -> None:
     assert job.returncode == 0, err
     assert (models / "shakespeare-gpu.pt").read_text() == "artifact"
     assert [p.name for p in models.iterdir()] == ["shakespeare-gpu.pt"]  # no temporary left behind
-    assert "CHARGEN_MODEL=" in err
+    assert f"replicas watching {models} serve it without a restart" in err
 
 
 def test_publish_name_and_out_equals_form(tmp_path: Path) -> None:

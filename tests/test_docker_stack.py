@@ -60,9 +60,10 @@ def replica_metric(container: Any, name: str) -> float:
     code = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/metrics', timeout=5).read().decode())"
     result = container.exec_run(["python", "-c", code])
     assert result.exit_code == 0, result.output.decode()
-    values = [line.rsplit(" ", 1)[1] for line in result.output.decode().splitlines() if line.startswith(name + " ")]
-    assert len(values) == 1, f"{name} not in the metrics of {container.name}"
-    return float(values[0])
+    lines = result.output.decode().splitlines()
+    values = [line.rsplit(" ", 1)[1] for line in lines if line.startswith((name + " ", name + "{"))]
+    assert values, f"{name} not in the metrics of {container.name}"
+    return sum(map(float, values))  # over its labels (the model)
 
 
 def lb_access_log(stack: Stack) -> str:

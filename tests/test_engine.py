@@ -393,7 +393,10 @@ def test_metrics_of_the_engine_move(model: LoadedModel) -> None:
         await asyncio.gather(*(collect(engine, req(model, n=50, seed=i)) for i in range(5)))
 
     with_engine(model, scenario, metrics=metrics)
-    value = metrics.registry.get_sample_value
+
+    def value(name: str) -> float | None:  # the engine's series carry its model's id
+        return metrics.registry.get_sample_value(name, {"model": model.model_id})
+
     assert value("chargen_chars_generated_total") == 250
     assert value("chargen_engine_batch_size_count") >= 50
     assert value("chargen_engine_tick_seconds_count") >= 50 / 8  # up to 8 characters per tick (decode_steps)

@@ -307,7 +307,7 @@ def test_the_handover_sends_one_piece_per_row_and_results_after_their_text() -> 
 def engine_parts(model: LoadedModel, **options: Any) -> tuple[Scheduler, Outputs, Handover, Inbox]:
     handover = Handover(lambda events: None, interval_s=0.0)
     inbox = Inbox()
-    outputs = Outputs(model, Metrics(), handover, leave=lambda row: scheduler.remove(row))
+    outputs = Outputs(model, Metrics().for_model(model.model_id), handover, leave=lambda row: scheduler.remove(row))
     config = EngineConfig(**(dict(max_streams=3, prefill_chunk=4, step_prefill_chars=5, stream_window=10) | options))
     scheduler = Scheduler(model, config, inbox, Stepper(model), outputs)
     return scheduler, outputs, handover, inbox

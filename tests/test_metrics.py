@@ -6,7 +6,7 @@ import random
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from service.metrics import LATENCY_BUCKETS, EngineCounter, EngineHistogram
+from service.metrics import LATENCY_BUCKETS, EngineCounterFamily, EngineHistogramFamily
 
 
 def samples(registry: CollectorRegistry) -> list[str]:
@@ -17,10 +17,10 @@ def samples(registry: CollectorRegistry) -> list[str]:
 
 def test_engine_histogram_and_counter_match_prometheus_client() -> None:
     ours, theirs = CollectorRegistry(), CollectorRegistry()
-    histogram = EngineHistogram("x_seconds", "doc", LATENCY_BUCKETS, ours)
-    reference = Histogram("x_seconds", "doc", buckets=LATENCY_BUCKETS, registry=theirs)
-    counter = EngineCounter("y", "doc", ours)
-    reference_counter = Counter("y", "doc", registry=theirs)
+    histogram = EngineHistogramFamily("x_seconds", "doc", LATENCY_BUCKETS, ours).labels("m")
+    reference = Histogram("x_seconds", "doc", ["model"], buckets=LATENCY_BUCKETS, registry=theirs).labels("m")
+    counter = EngineCounterFamily("y", "doc", ours).labels("m")
+    reference_counter = Counter("y", "doc", ["model"], registry=theirs).labels("m")
     rng = random.Random(4)
     values = [rng.choice(LATENCY_BUCKETS) for _ in range(50)]  # exactly on a bound: "le" includes it
     values += [rng.uniform(0, 12) for _ in range(200)] + [0.0, 1e9]
@@ -30,4 +30,4 @@ def test_engine_histogram_and_counter_match_prometheus_client() -> None:
         counter.inc(3)
         reference_counter.inc(3)
     assert samples(ours) == samples(theirs)
-    assert ours.get_sample_value("x_seconds_count") == len(values)
+    assert ours.get_sample_value("x_seconds_count", {"model": "m"}) == len(values)

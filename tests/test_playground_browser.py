@@ -411,3 +411,44 @@ def test_with_api_keys_on_the_page_sends_the_key_kept_in_session_storage(
     expect(page.locator("#error")).to_contain_text("invalid API key")
     shot(page, "09-api-key-wrong")
     context.close()
+
+
+def test_the_model_picker_runs_generations_sessions_and_inspections_on_the_picked_model(
+    browser: Browser, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    from service.artifact import load_model
+    from tests.service_support import export_random_model, with_meta
+
+    directory = tmp_path / "models"
+    directory.mkdir()
+    with_meta(tiny_artifact, directory / "tiny.pt", name="tiny")
+    wide = export_random_model(tmp_path / "wide.pt", load_model(tiny_artifact).vocab, seed=2, layers=1, hidden=48)
+    with_meta(wide, directory / "wide.pt", name="wide")
+    with ServerThread(models_dir=directory, default_model="tiny") as srv, httpx.Client(timeout=30) as client:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(srv.url + "/")
+        picker = page.locator("#model-picker")
+        expect(page.locator("#model-info")).to_contain_text("2 layers \u00d7 32 units")
+        expect(picker).to_have_value("tiny")
+        assert picker.locator("option").all_inner_texts() == ["tiny", "wide"]
+        picker.select_option("wide")
+        expect(page.locator("#model-info")).to_contain_text("1 layers \u00d7 48 units")
+        expect(page.locator("#unit-layer option")).to_have_count(1)  # the inspector follows the model
+
+        page.fill("#max-chars", "25")
+        page.click("#generate")
+        expect(page.locator("#status")).to_contain_text("done", timeout=30_000)
+        count = 'chargen_chars_generated_total{model="wide"}'
+        assert metric(client, srv.url, count) == 25
+        assert metric(client, srv.url, 'chargen_chars_generated_total{model="tiny"}') == 0
+
+        page.click("#session-new")
+        expect(page.locator("#session-id")).not_to_have_text("none")
+        session = page.locator("#session-id").inner_text()
+        assert client.get(f"{srv.url}/v1/sessions/{session}").json()["model"] == "wide"
+        page.screenshot(path=str(SHOTS[0] / "model-picker.png"))
+        context.close()
+        assert not errors, f"JavaScript errors on the page: {errors}"

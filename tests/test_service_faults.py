@@ -41,7 +41,7 @@ def test_an_engine_that_dies_ends_every_request_with_503_frees_its_leases_and_fa
     with ServerThread(model=str(tiny_artifact), max_new_chars=LONG) as srv:
         streamed_sid = new_session(client, srv.url, PROMPT)
         json_sid = new_session(client, srv.url, PROMPT)
-        engine = srv.app.state.engine
+        engine = srv.app.state.registry.resolve(None).engine
         answered: dict[str, Any] = {}
 
         def json_request() -> None:  # a non-streamed request with a session, running when the engine dies

@@ -12,7 +12,7 @@ from service.engine.config import EngineConfig
 from service.engine.handover import Event, Handover
 from service.engine.loop import EngineLoop
 from service.engine.requests import EngineFull, EngineStopped, Finished, GenerationRequest, Inbox, StreamHandle
-from service.metrics import Metrics
+from service.metrics import Metrics, ModelMetrics
 
 
 class Engine:
@@ -23,12 +23,17 @@ class Engine:
     """
 
     def __init__(
-        self, model: LoadedModel, metrics: Metrics, config: EngineConfig | None = None, **overrides: Any
+        self,
+        model: LoadedModel,
+        metrics: Metrics | ModelMetrics,
+        config: EngineConfig | None = None,
+        **overrides: Any,
     ) -> None:
-        """``overrides``: fields of EngineConfig, over ``config`` (or the defaults)."""
+        """``overrides``: fields of EngineConfig, over ``config`` (or the defaults). The engine
+        writes its model's series of ``metrics`` (labelled with the model's id)."""
         self.config = config = dataclasses.replace(config or EngineConfig(), **overrides)
         self.model = model
-        self.metrics = metrics
+        self.metrics = metrics = metrics.for_model(model.model_id) if isinstance(metrics, Metrics) else metrics
         self.step_min_rows = config.step_min_rows  # the padding in use once started
         self.batch_invariant: bool | None = None  # known once started
         self.failure: str | None = None  # why the engine thread died, if it did

@@ -19,7 +19,7 @@ from service.engine.requests import Finished, Inbox
 from service.engine.row import Row
 from service.engine.scheduler import Scheduler
 from service.engine.step import Stepper
-from service.metrics import Metrics
+from service.metrics import ModelMetrics
 
 log = logging.getLogger("chargen.engine")
 
@@ -36,7 +36,7 @@ class EngineLoop:
     def __init__(
         self,
         model: LoadedModel,
-        metrics: Metrics,
+        metrics: ModelMetrics,
         config: EngineConfig,
         inbox: Inbox,
         wake: threading.Event,

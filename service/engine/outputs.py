@@ -14,7 +14,7 @@ from service.engine.handover import Handover
 from service.engine.logprobs import keep
 from service.engine.requests import Finished, StreamHandle
 from service.engine.row import DONE, Row
-from service.metrics import Metrics
+from service.metrics import ModelMetrics
 from service.state_codec import SessionState, encode_state
 
 
@@ -28,7 +28,7 @@ class Outputs:
     def __init__(
         self,
         model: LoadedModel,
-        metrics: Metrics,
+        metrics: ModelMetrics,
         handover: Handover,
         leave: Callable[[Row], None],
         join: Callable[[Row], None] | None = None,

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.artifact import LoadedModel
 from service.auth import OwnerDep
-from service.dependencies import GenerationsDep, ModelDep
+from service.dependencies import GenerationsDep
 from service.engine import Finished
 from service.errors import ApiError
 from service.generation import GenerationSpec
@@ -111,19 +111,10 @@ class CompletionRequest(BaseModel):
             stop,
             self.session_id,
             bool(self.stream),
+            model=self.model,
             n=self.n or 1,
             logprobs=self.logprobs,
             echo=bool(self.echo),
-        )
-
-
-def check_model(requested: str, model: LoadedModel) -> None:
-    if requested not in (model.model_id, model.fingerprint):
-        raise ApiError(
-            404,
-            f"model: {requested!r} is not served here (this service runs {model.model_id!r})",
-            "model",
-            "model_not_found",
         )
 
 
@@ -147,15 +138,18 @@ def choice(index: int, text: str, finish_reason: str | None, logprobs: dict[str,
 
 @router.post("/completions", responses={200: {"content": {"text/event-stream": {}}}})
 async def completions(
-    body: CompletionRequest, request: Request, generations: GenerationsDep, model: ModelDep, owner: OwnerDep
+    body: CompletionRequest, request: Request, generations: GenerationsDep, owner: OwnerDep
 ) -> Response:
     received = time.perf_counter()
-    check_model(body.model, model)
+    if body.session_id is None:  # an unknown model is a 404 before anything else
+        generations.registry.resolve(body.model)
     body.check_supported()
     spec = body.spec()
     spec.owner = owner
     generations.validate(spec, max_param="max_tokens")
     jobs = await generations.start_choices(spec, received)
+    assert jobs[0].version is not None
+    model = jobs[0].version.model  # a session's requests run on the version it was made on
     completion_id = "cmpl-" + secrets.token_hex(12)
     created = int(time.time())
     if spec.stream:

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.auth import OwnerDep
-from service.dependencies import GenerationsDep, ModelDep
+from service.dependencies import GenerationsDep
 from service.engine import Finished
 from service.generation import GenerationSpec
 from service.job import Job
@@ -42,6 +42,7 @@ class GenerateRequest(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = Field(None, description="character id -> -100..100")
+    model: str | None = Field(None, description="model id or version fingerprint (default: the default model)")
 
     def spec(self) -> GenerationSpec:
         params = SamplingParams(
@@ -64,6 +65,7 @@ class GenerateRequest(BaseModel):
             n=self.n,
             logprobs=self.logprobs,
             echo=self.echo,
+            model=self.model,
         )
 
 
@@ -94,14 +96,14 @@ def usage(spec: GenerationSpec, completion_chars: int) -> dict[str, int]:
 
 
 @router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}})
-async def generate(
-    body: GenerateRequest, request: Request, generations: GenerationsDep, model: ModelDep, owner: OwnerDep
-) -> Response:
+async def generate(body: GenerateRequest, request: Request, generations: GenerationsDep, owner: OwnerDep) -> Response:
     received = time.perf_counter()
     spec = body.spec()
     spec.owner = owner
     generations.validate(spec)
     jobs = await generations.start_choices(spec, received)
+    assert jobs[0].version is not None
+    model = jobs[0].version.model  # a session's requests run on the version it was made on
     if spec.stream:
         return stream_events(jobs, model.vocab)
     results = await collect_all(jobs, request)
@@ -118,7 +120,7 @@ async def generate(
         text=choices[0].text,
         finish_reason=choices[0].finish_reason,
         session_id=spec.session_id,
-        model=model.model_id,
+        model=jobs[0].model_id,
         usage=Usage(**usage(spec, sum(finished.completion_chars for _, finished in results))),
         logprobs=choices[0].logprobs,
         choices=choices if spec.n > 1 else None,

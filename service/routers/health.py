@@ -17,23 +17,29 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz")
 async def healthz(request: Request) -> JSONResponse:
-    """200 while the process can serve; 503 once its engine thread has died (restart the process)."""
-    engine = getattr(request.app.state, "engine", None)
-    if engine is not None and engine.failure is not None:
-        return JSONResponse({"status": "failed", "reason": engine.failure}, status_code=503)
+    """200 while the process can serve; 503 once an engine thread has died (restart the process)."""
+    registry = getattr(request.app.state, "registry", None)
+    for version in registry.all_versions() if registry is not None else ():
+        if version.engine.failure is not None:
+            reason = f"model {version.model_id}: {version.engine.failure}"
+            return JSONResponse({"status": "failed", "reason": reason}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """200 only when the model is loaded, the engine runs and the state store answers."""
+    """200 only when a model is loaded, the engines of the models served run and the state store
+    answers."""
     state = request.app.state
     checks: dict[str, Any] = {}
-    model = getattr(state, "model", None)
-    engine = getattr(state, "engine", None)
+    registry = getattr(state, "registry", None)
+    default = registry.default_entry() if registry is not None else None
+    model = default.current.model if default is not None and default.current is not None else None
+    engine = default.current.engine if default is not None and default.current is not None else None
+    live = [v for e in registry.entries.values() for v in e.live] if registry is not None else []
     store = getattr(state, "store", None)
     checks["model"] = "ok" if model is not None else "not loaded"
-    checks["engine"] = "ok" if engine is not None and engine.alive else "not running"
+    checks["engine"] = "ok" if live and all(v.engine.alive for v in live) else "not running"
     degraded: dict[str, str] = {}
     if store is None:
         checks["store"] = "not connected"
@@ -55,7 +61,9 @@ async def readyz(request: Request) -> JSONResponse:
         body["batch_invariant"] = engine.batch_invariant
         body["step_min_rows"] = engine.step_min_rows
     if model is not None:
-        body["model"] = model.model_id
+        body["model"] = model.model_id  # the default model
+    if registry is not None:
+        body["models"] = registry.served_ids
     return JSONResponse(body, status_code=200 if not failing else 503)
 
 

@@ -32,11 +32,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.artifact import LoadedModel
 from service.auth import OwnerDep
-from service.dependencies import ModelDep, SettingsDep, StoreDep
+from service.dependencies import RegistryDep, SettingsDep, StoreDep
 from service.errors import ApiError, ErrorEnvelope
 from service.problems import unknown_characters
+from service.repository import ModelRegistry
 from service.session_access import read_owned_session, state_for
-from service.state_store import SessionStore
+from service.state_store import SessionStore, StoredSession
 
 router = APIRouter(tags=["inspect"])
 
@@ -60,6 +61,7 @@ class InspectRequest(BaseModel):
 
     text: str = Field(..., description=f"1 to {MAX_TEXT_CHARS} characters of the model's vocabulary")
     session_id: str | None = Field(None, description="start from this session's state (read only)")
+    model: str | None = Field(None, description="model id or version (default: the session's, else the default)")
     layer: int = Field(0, description="layer of the requested units, 0-based")
     units: list[int] = Field(default_factory=list, description=f"up to {MAX_UNITS} unit indices, 0-based")
 
@@ -70,6 +72,7 @@ class UnitSearchRequest(BaseModel):
     text: str = Field(..., description=f"1 to {MAX_TEXT_CHARS} characters of the model's vocabulary")
     pattern: str = Field(..., description=f"a regular expression, up to {MAX_PATTERN_CHARS} characters")
     session_id: str | None = None
+    model: str | None = Field(None, description="model id or version (default: the session's, else the default)")
     layer: int | None = Field(None, description="search this layer only (default: every layer)")
     top: int = Field(5, ge=1, le=MAX_TOP_UNITS, description="how many units to return")
     signal: Literal["cell", "input", "forget", "output"] = Field("cell", description="what to correlate")
@@ -249,12 +252,22 @@ def match_mask(pattern: regex.Pattern[str], text: str) -> np.ndarray:
     return mask
 
 
-async def starting_point(model: LoadedModel, store: SessionStore, session_id: str | None, owner: str | None) -> Start:
-    """The state the text is read from: the session's (read only, no lease), else the initial one."""
+async def model_for(
+    registry: ModelRegistry, store: SessionStore, requested: str | None, session_id: str | None, owner: str | None
+) -> tuple[LoadedModel, StoredSession | None]:
+    """The model an inspection runs on: its session's version (read only, no lease), else the one
+    asked for, else the default; and the session as stored."""
     if session_id is None:
+        return registry.resolve(requested).model, None
+    stored = await read_owned_session(store, session_id, owner)
+    return registry.for_session(stored.state, requested).model, stored
+
+
+def starting_point(model: LoadedModel, stored: StoredSession | None) -> Start:
+    """The state the text is read from: the session's, else the initial one."""
+    if stored is None:
         zeros = torch.zeros(model.layers, 1, model.hidden)
         return Start(model.start_id, zeros, zeros.clone())
-    stored = await read_owned_session(store, session_id, owner)
     state = state_for(model, stored.state)
     h = torch.from_numpy(state.h).unsqueeze(1)
     c = torch.from_numpy(state.c).unsqueeze(1)
@@ -377,9 +390,10 @@ def limits(model: LoadedModel) -> dict[str, Any]:
 
 
 @router.get("/inspect")
-async def inspect_info(model: ModelDep) -> dict[str, Any]:
-    """Whether the loaded model can be inspected, its shape, and the request limits (for the page)."""
-    return limits(model)
+async def inspect_info(registry: RegistryDep, model: str | None = None) -> dict[str, Any]:
+    """Whether the model (default: the default model) can be inspected, its shape, and the request
+    limits (for the page)."""
+    return limits(registry.resolve(model).model)
 
 
 # declared for the OpenAPI document (main.py adds the errors every API route can give)
@@ -390,16 +404,17 @@ NOT_INSPECTABLE = {501: {"model": ErrorEnvelope, "description": "the loaded mode
 async def inspect(
     body: InspectRequest,
     request: Request,
-    model: ModelDep,
+    registry: RegistryDep,
     store: StoreDep,
     settings: SettingsDep,
     owner: OwnerDep,
 ) -> InspectResponse:
+    model, stored = await model_for(registry, store, body.model, body.session_id, owner)
     require_inspect(model)
     ids = check_text(model, body.text)
     layer = check_layer(model, body.layer)
     units = check_units(model, body.units)
-    start = await starting_point(model, store, body.session_id, owner)
+    start = starting_point(model, stored)
     runner = runner_for(request, settings.torch_threads)
     result = await runner.run(inspect_text, model, start, body.text, ids, layer, units)
     return InspectResponse(
@@ -411,17 +426,18 @@ async def inspect(
 async def find_units(
     body: UnitSearchRequest,
     request: Request,
-    model: ModelDep,
+    registry: RegistryDep,
     store: StoreDep,
     settings: SettingsDep,
     owner: OwnerDep,
 ) -> UnitSearchResponse:
+    model, stored = await model_for(registry, store, body.model, body.session_id, owner)
     require_inspect(model)
     ids = check_text(model, body.text)
     compile_pattern(body.pattern)  # a bad pattern is a 400 before any model work
     if body.layer is not None:
         check_layer(model, body.layer)
-    start = await starting_point(model, store, body.session_id, owner)
+    start = starting_point(model, stored)
     runner = runner_for(request, settings.torch_threads)
     result = await runner.run(search_units, model, start, body.text, ids, body)
     return UnitSearchResponse(

@@ -9,11 +9,11 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Body
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.artifact import LoadedModel
 from service.auth import OwnerDep
-from service.dependencies import GenerationsDep, MetricsDep, ModelDep, SettingsDep, StoreDep
+from service.dependencies import GenerationsDep, MetricsDep, RegistryDep, SettingsDep, StoreDep
 from service.generation import GenerationSpec
 from service.problems import Problem, session_busy, store_unavailable
 from service.sampling import SamplingParams
@@ -22,9 +22,7 @@ from service.state_codec import (
     SessionState,
     StateDecodeError,
     describe_state,
-    digest_name,
     encode_state,
-    fingerprint_digest,
 )
 from service.state_store import SessionBusy, SessionNotFound, SessionStore, StoreUnavailable
 
@@ -34,11 +32,14 @@ router = APIRouter(tags=["sessions"])
 class CreateSessionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str = ""
+    model: str | None = Field(None, description="model id or version fingerprint (default: the default model)")
 
 
 class SessionCreated(BaseModel):
     session_id: str
     expires_in_s: int
+    model: str
+    model_fingerprint: str  # the version the session is pinned to
 
 
 class SessionInfo(BaseModel):
@@ -62,15 +63,17 @@ def fresh_state(model: LoadedModel) -> bytes:
 async def create_session(
     generations: GenerationsDep,
     store: StoreDep,
-    model: ModelDep,
+    registry: RegistryDep,
     settings: SettingsDep,
     metrics: MetricsDep,
     owner: OwnerDep,
     body: Annotated[CreateSessionRequest | None, Body()] = None,
 ) -> Any:
     prompt = body.prompt if body is not None else ""
-    spec = GenerationSpec(prompt, 0, SamplingParams(temperature=0), owner=owner)
+    requested = body.model if body is not None else None
+    spec = GenerationSpec(prompt, 0, SamplingParams(temperature=0), owner=owner, model=requested)
     generations.validate(spec)
+    model = registry.resolve(requested).model  # the session is pinned to this version
     session_id = new_session_id()
     try:
         await store.create(session_id, fresh_state(model), owner)
@@ -88,7 +91,12 @@ async def create_session(
         if outcome.problem is not None:
             await drop(store, session_id)
             raise outcome.problem
-    return SessionCreated(session_id=session_id, expires_in_s=settings.session_ttl_s)
+    return SessionCreated(
+        session_id=session_id,
+        expires_in_s=settings.session_ttl_s,
+        model=model.model_id,
+        model_fingerprint=model.fingerprint,
+    )
 
 
 async def drop(store: SessionStore, session_id: str) -> None:
@@ -100,17 +108,17 @@ async def drop(store: SessionStore, session_id: str) -> None:
 
 
 @router.get("/sessions/{session_id}", response_model=SessionInfo)
-async def get_session(session_id: str, store: StoreDep, model: ModelDep, owner: OwnerDep) -> Any:
+async def get_session(session_id: str, store: StoreDep, registry: RegistryDep, owner: OwnerDep) -> Any:
     stored = await read_owned_session(store, session_id, owner)
     try:
         fingerprint, consumed = describe_state(stored.state)
     except StateDecodeError as err:
         raise unusable_state(err) from None
-    same_model = fingerprint == digest_name(fingerprint_digest(model.fingerprint))
+    version = registry.by_digest(fingerprint)  # None: a version retired or not served here
     return SessionInfo(
         session_id=session_id,
         chars_consumed=consumed,
-        model=model.model_id if same_model else fingerprint,
+        model=version.model_id if version is not None else fingerprint,
         model_fingerprint=fingerprint,
         expires_in_s=stored.expires_in_s,
     )

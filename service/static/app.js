@@ -6,7 +6,8 @@ const KEY_STORAGE = "chargen.apiKey";
 const SESSION_STORAGE = "chargen.sessionId";
 
 const state = {
-  model: null, // /v1/models entry
+  model: null, // /v1/models entry of the picked model
+  models: [], // every ready /v1/models entry (the picker's choices)
   limits: null, // GET /v1/inspect
   controller: null, // AbortController of the running generation
   sessionId: sessionStorage.getItem(SESSION_STORAGE),
@@ -105,18 +106,38 @@ function setStatus(text) {
 async function loadModel() {
   try {
     const models = await api("GET", "/v1/models");
-    state.model = models.data[0];
-    const m = state.model;
-    const bpc = m.val_bpc == null ? "" : `, ${m.val_bpc.toFixed(3)} bits/char on validation`;
-    $("model-info").textContent = `Model “${m.id}”: ${m.layers} layers × ${m.hidden} units, ${m.vocab_size} characters${bpc}`;
+    state.models = models.data.filter((m) => m.status === "ready");
+    const picker = $("model-picker");
+    const kept = state.model && state.models.find((m) => m.id === state.model.id);
+    const before = state.model && state.model.fingerprint;
+    state.model = kept || state.models.find((m) => m.default) || state.models[0] || null;
+    const ids = state.models.map((m) => m.id).join("\n");
+    if (picker.dataset.ids !== ids) {
+      picker.replaceChildren(...state.models.map((m) => new Option(m.id, m.id, false, m === state.model)));
+      picker.dataset.ids = ids;
+    }
+    picker.disabled = state.models.length < 2;
     $("error").hidden = true; // a 401 from before a key was entered is no longer news
+    if (state.model && state.model.fingerprint === before) return; // nothing new to show
   } catch (err) {
     $("model-info").textContent = "model: unknown";
     showError(err);
     return;
   }
+  await showModel();
+}
+
+async function showModel() {
+  const m = state.model;
+  if (!m) {
+    $("model-info").textContent = "no model is served yet";
+    return;
+  }
+  const bpc = m.val_bpc == null ? "" : `, ${m.val_bpc.toFixed(3)} bits/char on validation`;
+  $("model-info").textContent = `${m.layers} layers × ${m.hidden} units, ${m.vocab_size} characters${bpc}`;
+  $("inspect-unavailable").hidden = true;
   try {
-    state.limits = await api("GET", "/v1/inspect");
+    state.limits = await api("GET", `/v1/inspect?model=${encodeURIComponent(m.id)}`);
   } catch (_) {
     state.limits = null;
   }
@@ -164,7 +185,9 @@ function generationBody() {
     seed: numberOrNull("seed"),
     stream: true,
   };
+  // a session stays on the model it was made with; anything else runs on the picked one
   if (continuing()) body.session_id = state.sessionId;
+  else if (state.model) body.model = state.model.id;
   return body;
 }
 
@@ -353,7 +376,7 @@ function tickTtl() {
 async function newSession() {
   clearError();
   try {
-    const created = await api("POST", "/v1/sessions", {});
+    const created = await api("POST", "/v1/sessions", state.model ? { model: state.model.id } : {});
     setSession(created.session_id);
     $("output-text").replaceChildren();
     setStatus("new session: the next generation starts it");
@@ -437,6 +460,7 @@ function inspectBody(units) {
     units,
   };
   if ($("inspect-from-session").checked && state.sessionId) body.session_id = state.sessionId;
+  else if (state.model) body.model = state.model.id;
   return body;
 }
 
@@ -521,6 +545,7 @@ async function findUnits() {
   };
   if ($("pattern-layer").value !== "") body.layer = Number($("pattern-layer").value);
   if ($("inspect-from-session").checked && state.sessionId) body.session_id = state.sessionId;
+  else if (state.model) body.model = state.model.id;
   $("inspect-status").textContent = "searching…";
   try {
     const result = await api("POST", "/v1/inspect/units", body);
@@ -598,6 +623,10 @@ function init() {
   key.addEventListener("change", () => {
     if (!state.model) loadModel(); // the first load may have been refused for want of a key
   });
+  $("model-picker").addEventListener("change", () => {
+    state.model = state.models.find((m) => m.id === $("model-picker").value) || state.model;
+    showModel();
+  });
   $("generate").addEventListener("click", generate);
   $("stop").addEventListener("click", stop);
   $("clear-output").addEventListener("click", () => $("output-text").replaceChildren());
@@ -624,6 +653,7 @@ function init() {
   if (state.sessionId) refreshSession();
   setInterval(tickTtl, 1000);
   loadModel();
+  setInterval(() => state.model && loadModel(), 10000); // models published since join the picker
 }
 
 document.addEventListener("DOMContentLoaded", init);
