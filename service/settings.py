@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     max_new_chars: int = Field(4096, ge=1)
     max_stop_strings: int = Field(4, ge=0)
     max_stop_chars: int = Field(64, ge=1)
+    max_n: int = Field(16, ge=1, description="choices one request may ask for (n), each an engine row")
     max_body_bytes: int = Field(65_536, ge=1024)
 
     # bounded work and the batching engine

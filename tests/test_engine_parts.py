@@ -41,7 +41,7 @@ def model(tiny_artifact: Path) -> LoadedModel:
 
 
 def handle(acked: int = 0) -> Any:
-    return SimpleNamespace(acked=acked, cancelled=False)
+    return SimpleNamespace(acked=acked, cancelled=False, siblings=[], logprobs=[], prompt_logprobs=[])
 
 
 def make_row(model: LoadedModel, prompt: str = "KING", n: int = 10, **options: Any) -> Row:
@@ -50,7 +50,7 @@ def make_row(model: LoadedModel, prompt: str = "KING", n: int = 10, **options: A
     auto_ack = options.pop("auto_ack", True)
     req = GenerationRequest(ids, n, SamplingParams(**options), stop, auto_ack=auto_ack, want_state=True)
     h, c = model.module.init_state(1)
-    return Row(handle(), req, h, c, ids[-1], ids[:-1], len(ids))
+    return Row(handle(), req, h, c, ids[-1], ids[:-1], len(ids), len(model.vocab))
 
 
 # ---- stops.py -------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ def test_outputs_end_a_row_at_a_stop_string_mid_tick_with_the_state_before_it(mo
     scheduler.rows.append(row)
     states = [torch.randn(model.layers, 1, model.hidden) for _ in range(4)]
     picks = [[1], [3], [4], [2]]  # the stop string is the 2nd and 3rd characters; the 4th is unused
-    batch = SimpleNamespace(rows=[row], feeding=[False])
+    batch = SimpleNamespace(rows=[row], feeding=[False], scores=None)
     outputs.take(batch, picks, states, states)  # type: ignore[arg-type]
     assert row.phase is DONE and scheduler.rows == [] and row.sampled == 3
     (_, text), (_, finished) = handover.events

@@ -354,12 +354,16 @@ def test_redis_outage_503s_session_requests_only_and_recovers(
 def test_openai_envelope_on_completions_errors(server: ServerThread, client: httpx.Client) -> None:
     url = server.url + "/v1/completions"
     for body, param in (
-        ({"model": "model", "n": 2}, "n"),
+        ({"model": "model", "n": 17}, "n"),  # over CHARGEN_MAX_N
         ({"model": "gpt-4", "prompt": "x"}, "model"),
         ({"model": "model", "max_tokens": LONG + 1}, "max_tokens"),
         ({"model": "model", "prompt": ["a", "b"]}, "prompt"),
         ({"prompt": "x"}, "model"),
-        ({"model": "model", "echo": True}, "echo"),
+        ({"model": "model", "best_of": 3}, "best_of"),
+        ({"model": "model", "suffix": "x"}, "suffix"),
+        ({"model": "model", "logprobs": 6}, "logprobs"),
+        ({"model": "model", "logit_bias": {"999": 1}}, "logit_bias"),
+        ({"model": "model", "presence_penalty": 2.5}, "presence_penalty"),
     ):
         response = client.post(url, json=body)
         assert 400 <= response.status_code < 500, response.text

@@ -70,7 +70,7 @@ def test_stop_and_sessions_through_extra_body(client: openai.OpenAI, server: Ser
 
 def test_errors_come_back_as_openai_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model="model", prompt="hi", n=2)
+        client.completions.create(model="model", prompt="hi", n=17)
     assert err.value.body["param"] == "n"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="model", prompt="caf\u00e9")

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from chargen.artifact import ArtifactError, read_artifact
+from chargen.sampling import Sampler, SamplingParams
 from training.data import CorpusError, Vocab
 
-__all__ = ["Artifact", "ArtifactError", "generate", "load_artifact", "sample_next", "score_text"]
+__all__ = ["Artifact", "ArtifactError", "generate", "load_artifact", "score_text"]
 
 
 @dataclass
@@ -30,26 +29,6 @@ def load_artifact(path: str) -> Artifact:
     return Artifact(module=module, meta=meta, vocab=Vocab(list(meta["vocab"])))
 
 
-def sample_next(
-    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
-) -> int:
-    """One id from logits [V]: greedy at temperature 0, else top-k then nucleus (top-p) sampling."""
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = F.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least one character)
-        drop = torch.cumsum(sorted_probs, 0) - sorted_probs >= top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 @torch.inference_mode()
 def generate(
     artifact: Artifact,
@@ -60,10 +39,13 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
 ) -> Iterator[str]:
-    """Yield `length` sampled characters, one at a time, after feeding the prompt."""
+    """Yield `length` sampled characters, one at a time, after feeding the prompt.
+
+    The service's sampler (chargen/sampling.py), one row: for the same model, prompt, settings
+    and seed, `chargen sample` prints what the API returns.
+    """
     model, vocab = artifact.module, artifact.vocab
-    generator = torch.Generator()
-    generator.manual_seed(seed if seed is not None else torch.seed())
+    sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed), len(vocab))
     h, c = model.init_state(1)
     if prompt:
         logits, h, c = model.forward(vocab.encode(prompt).unsqueeze(0), h, c)
@@ -73,7 +55,7 @@ def generate(
         last, h, c = model.step(torch.tensor([start]), h, c)
         last = last[0]
     for _ in range(length):
-        next_id = sample_next(last, temperature, top_k, top_p, generator)
+        next_id = sampler.next(last)
         yield vocab.chars[next_id]
         logits, h, c = model.step(torch.tensor([next_id]), h, c)
         last = logits[0]

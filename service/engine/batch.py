@@ -11,6 +11,8 @@ from torch import Tensor
 
 from service.artifact import LoadedModel
 from service.engine.config import EngineConfig
+from service.engine.logprobs import batch_top_n
+from service.engine.requests import Score
 from service.engine.row import STEP_FEED, Row
 from service.sampling import BatchParams
 
@@ -20,12 +22,9 @@ Runs = list[tuple[int, int, int]]  # (source, start, end): rows start..end of so
 def gather_runs(rows: list[Row]) -> tuple[list[Tensor], list[Tensor], Runs]:
     """The rows' state as source tensors and runs of rows that sit side by side in the same source
     (rows that stepped together last tick): the scripted call slices and joins them, one slice per
-    run, not one per row.
-
-    When a stream joins or leaves, the others still sit in last tick's output in order, so the
-    new batch is a few slices instead of 2 x 64 one-row slices. Only Python here: any torch op on
-    the engine's thread gives up the GIL (see `StepSampler`).
-    """
+    run, not one per row. When a stream joins or leaves, the others still sit in last tick's output
+    in order, so the new batch is a few slices instead of 2 x 64 one-row slices. Only Python here:
+    any torch op on the engine's thread gives up the GIL (see `StepSampler`)."""
     sources_h: list[Tensor] = []
     sources_c: list[Tensor] = []
     numbers: dict[int, int] = {}  # id(h source) -> its index in sources
@@ -54,16 +53,19 @@ class Batch:
     sources_c: list[Tensor]
     runs: Runs
     params: BatchParams
+    top_n: int  # alternatives its step reports with each pick's log-probability; -1: none (logprobs.py)
+    penalized: bool  # a row's adjustment changes with each pick: params anew every tick, one step each
+    scores: list[list[Score]] | None = None  # per step, per row: filled by the step when top_n >= 0
 
 
 class BatchBuilder:
     """Up to ``max_batch`` ready rows per step, rotating who goes first when more are ready.
 
     A batch of up to ``multi_step_rows`` rows takes ``decode_steps`` characters per tick while
-    nobody waits (no request to admit, no prompt being read, no row before its first character,
-    none left out of the batch): the engine's Python then runs once per that many characters.
-    Every step is the same call at the same batch size and each row draws its numbers in order,
-    so the text is the same as one character per tick.
+    nobody waits (no request to admit, no prompt being read, no row before its first character or
+    penalized, none left out of the batch): the engine's Python then runs once per that many
+    characters. Every step is the same call at the same batch size and each row draws its numbers
+    in order, so the text is the same as one character per tick.
     """
 
     def __init__(self, model: LoadedModel, config: EngineConfig) -> None:
@@ -77,7 +79,7 @@ class BatchBuilder:
         self._last_rows: list[Row] = []  # the rows of the last step, whose output is in _last_h/_c
         self._last_h: Tensor | None = None
         self._last_c: Tensor | None = None
-        self._last_params: BatchParams | None = None
+        self._last: Batch | None = None  # the last step's batch (its params, top_n, penalized)
         self._padding: dict[int, tuple[Tensor, Tensor]] = {}
 
     def build(self, ready: list[Row], quiet: bool) -> Batch:
@@ -91,13 +93,11 @@ class BatchBuilder:
         feeding = [r.phase is STEP_FEED for r in rows]
         exact = any(r.reproducible for r in rows)
         pad = max(0, self.pad_to - len(rows)) if exact else 0
-        # rows waiting for a turn: one character each, or they would wait `steps` steps per character
-        steps = self._steps_for(rows, feeding) if quiet and not left_out else 1
-        if rows == self._last_rows and self._last_h is not None and self._last_c is not None:
+        last, last_h, last_c = self._last, self._last_h, self._last_c
+        if rows == self._last_rows and last is not None and last_h is not None and last_c is not None:
             # steady state: last tick's output (padding included) is this tick's input
-            sources_h, sources_c = [self._last_h], [self._last_c]
-            runs = [(0, 0, self._last_h.shape[1])]
-            params = self._last_params
+            sources_h, sources_c, runs = [last_h], [last_c], [(0, 0, last_h.shape[1])]
+            params, top_n, penalized = last.params, last.top_n, last.penalized
         else:
             sources_h, sources_c, runs = gather_runs(rows)
             if pad:
@@ -105,15 +105,18 @@ class BatchBuilder:
                 runs.append((len(sources_h), 0, pad))
                 sources_h.append(ph)
                 sources_c.append(pc)
-            params = BatchParams.of([r.params for r in rows], len(self.model.vocab))
-        assert params is not None
+            params, top_n, penalized = None, batch_top_n(rows), any(r.penalized for r in rows)
+        if params is None or penalized:
+            params = BatchParams.of([r.params for r in rows], len(self.model.vocab), [r.adjust for r in rows])
+        # rows waiting for a turn: one character each, or they would wait `steps` steps per character
+        steps = self._steps_for(rows, feeding) if quiet and not left_out and not penalized else 1
         feed = [r.to_feed[r.fed] if f else r.pending for r, f in zip(rows, feeding, strict=True)] + [0] * pad
         tokens = torch.from_numpy(np.array(feed, dtype=np.int64))  # a third of torch.tensor(list)'s cost
-        return Batch(rows, feeding, steps, exact, tokens, sources_h, sources_c, runs, params)
+        return Batch(rows, feeding, steps, exact, tokens, sources_h, sources_c, runs, params, top_n, penalized)
 
     def stepped(self, batch: Batch, h: Tensor, c: Tensor) -> None:
         """The batch ran; (h, c) is its last step's output, the next tick's input if it is the same."""
-        self._last_rows, self._last_h, self._last_c, self._last_params = batch.rows, h, c, batch.params
+        self._last_rows, self._last_h, self._last_c, self._last = batch.rows, h, c, batch
 
     def forget(self, row: Row | None = None) -> None:
         """A row of the last step left (or, with None, anything may have changed): gather afresh."""

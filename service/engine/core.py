@@ -72,19 +72,21 @@ class Engine:
 
     def submit(self, req: GenerationRequest) -> StreamHandle:
         """Queue a generation; raises EngineFull past max_streams + max_queue, EngineStopped once
-        the engine stops or dies."""
+        the engine stops or dies. With ``req.n`` > 1 the handle's ``siblings`` are choices 1..n-1."""
         if not self.alive:
             raise EngineStopped(self.failure or "the engine is not running")
         config = self.config
-        if len(self._open) >= config.max_streams + config.max_queue:
+        if len(self._open) + req.n > config.max_streams + config.max_queue:
             raise EngineFull(
                 f"{len(self._open)} generations running or queued (limit "
                 f"{config.max_streams} running + {config.max_queue} queued)"
             )
         handle = StreamHandle(self._wake.set)
+        handle.siblings = [StreamHandle(self._wake.set) for _ in range(req.n - 1)]
         if not self._inbox.put(handle, req):  # the thread took its last look at the inbox already
             raise EngineStopped(self.failure or "the engine is not running")
         self._open.add(handle)
+        self._open.update(handle.siblings)
         self.metrics.queue_length.set(len(self._inbox))
         self._wake.set()
         return handle

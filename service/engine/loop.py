@@ -55,7 +55,7 @@ class EngineLoop:
         self.padding: Padding | None = None
         self.stepper = Stepper(model)
         self.batches = BatchBuilder(model, config)
-        self.outputs = Outputs(model, metrics, handover, self._leave)
+        self.outputs = Outputs(model, metrics, handover, self._leave, self._join)
         self.scheduler = Scheduler(model, config, inbox, self.stepper, self.outputs)
         self._counts_shown = (-1, -1)  # (rows, queued) last written to the gauges
 
@@ -121,6 +121,9 @@ class EngineLoop:
         for row in self.scheduler.rows:  # no rewind goes before what the client has been sent
             row.snapshots.forget_before(row.sent())
 
+    def _join(self, row: Row) -> None:
+        self.scheduler.join(row)
+
     def _leave(self, row: Row) -> None:
         self.scheduler.remove(row)
         self.batches.forget(row)
@@ -129,6 +132,7 @@ class EngineLoop:
         """Every row ends as cancelled (saving what its client was sent); nothing more is admitted."""
         for row in list(self.scheduler.rows):
             self.outputs.finish(row, "cancelled", row.sent(), error=SHUTTING_DOWN)
-        for handle, _ in self.inbox.close():
-            self.outputs.answer(handle, Finished("cancelled", 0, 0, None, SHUTTING_DOWN))
+        for first, _ in self.inbox.close():
+            for handle in [first, *first.siblings]:
+                self.outputs.answer(handle, Finished("cancelled", 0, 0, None, SHUTTING_DOWN))
         self._flush()

@@ -11,6 +11,7 @@ from torch import Tensor
 from service.artifact import LoadedModel
 from service.engine.batch import Batch
 from service.engine.handover import Handover
+from service.engine.logprobs import keep
 from service.engine.requests import Finished, StreamHandle
 from service.engine.row import DONE, Row
 from service.metrics import ModelMetrics
@@ -20,16 +21,23 @@ from service.state_codec import SessionState, encode_state
 class Outputs:
     """The per-row side of a step: every sampled character goes through `take`.
 
-    ``leave`` removes a finished row from the engine's rows and batches.
+    ``leave`` removes a finished row from the engine's rows and batches; ``join`` adds a choice
+    forked from a row whose prompt was read.
     """
 
     def __init__(
-        self, model: LoadedModel, metrics: ModelMetrics, handover: Handover, leave: Callable[[Row], None]
+        self,
+        model: LoadedModel,
+        metrics: ModelMetrics,
+        handover: Handover,
+        leave: Callable[[Row], None],
+        join: Callable[[Row], None] | None = None,
     ) -> None:
         self.model = model
         self.metrics = metrics
         self.handover = handover
         self.leave = leave
+        self.join = join
 
     def take(self, batch: Batch, picks: list[list[int]], states_h: list[Tensor], states_c: list[Tensor]) -> None:
         """Walk a tick's steps: a prompt character read, or one more character per decoding row."""
@@ -38,8 +46,9 @@ class Outputs:
         outboxes = self.handover.outboxes
         observe_gap = self.metrics.time_between_chars.observe
         rows, feeding, n = batch.rows, batch.feeding, len(batch.rows)
+        scored = batch.scores or [None] * len(picks)
         sampled = 0
-        for h2, c2, choices in zip(states_h, states_c, picks, strict=True):
+        for h2, c2, choices, step_scores in zip(states_h, states_c, picks, scored, strict=True):
             for i, row in enumerate(rows):
                 if feeding[i]:  # one more prompt character read; its pending (last) character stays
                     row.h_src, row.c_src, row.idx = h2, c2, i
@@ -54,6 +63,10 @@ class Outputs:
                 row.h_src, row.c_src, row.idx, row.pending = h2, c2, i, choice
                 row.snapshots.record(h2, c2, i, choice)
                 row.sampled += 1
+                if row.penalized:
+                    row.adjust.add(choice)  # type: ignore[union-attr]
+                if step_scores is not None and row.logprobs >= 0:
+                    keep(row, step_scores[i])
                 if row.sampled > 1:
                     observe_gap(now - row.last_char_at)  # 0 for all but the first of a tick's characters
                 row.last_char_at = now
@@ -67,7 +80,16 @@ class Outputs:
 
     def prompt_read(self, row: Row) -> None:
         """The row's prompt is fed: it generates from here, or ends at once if asked for nothing."""
-        row.prompt_read(time.perf_counter())
+        now = time.perf_counter()
+        row.prompt_read(now)
+        forks, row.forks = row.forks, []
+        for choice, handle in enumerate(forks, start=1):  # n > 1: the state read once, copied
+            fork = row.fork(handle, choice, len(self.model.vocab))
+            fork.prompt_read(now)
+            assert self.join is not None
+            self.join(fork)
+            if fork.max_new == 0:
+                self.finish(fork, "length", 0)
         if row.max_new == 0:
             self.finish(row, "length", 0)
 
@@ -91,6 +113,9 @@ class Outputs:
         session saved with the state there. ``unread``: it leaves before its prompt was read, and
         its session stays as it was."""
         req = row.req
+        for handle in row.forks:  # choices not forked yet (n > 1): they end with it, with nothing
+            self.answer(handle, Finished(reason, 0, 0, None, error))
+        row.forks = []
         blob = None
         if unread:
             consumed = row.session_chars - len(req.prompt_ids)

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from service.sampling import SamplingParams
 from service.state_codec import SessionState
 
+# A character's log-probability and the most likely characters' (id, log-probability), best first.
+Score = tuple[float, list[tuple[int, float]]]
+
 
 class EngineFull(RuntimeError):
     """Every row and every queue slot is taken."""
@@ -29,6 +32,9 @@ class GenerationRequest:
     state: SessionState | None = None  # None: start from the model's initial state
     auto_ack: bool = True  # True: not streamed; text counts as sent as soon as it is produced
     want_state: bool = False  # encode the final state (for sessions)
+    n: int = 1  # choices: the prompt is read once, then its state is copied into n rows
+    logprobs: int | None = None  # None: no log-probabilities; k: each character's and the top k
+    score_prompt: bool = False  # also the prompt's log-probabilities (echo with logprobs)
 
 
 @dataclass
@@ -51,6 +57,10 @@ class StreamHandle:
         self.finished: asyncio.Future[Finished] = asyncio.get_running_loop().create_future()
         self.acked = 0  # characters the client was sent; written by the loop, read by the engine
         self.cancelled = False
+        self.siblings: list[StreamHandle] = []  # the request's other choices (n > 1), in order
+        # Appended by the engine thread before the text they describe is handed over (engine/logprobs.py)
+        self.logprobs: list[Score] = []  # one per generated character
+        self.prompt_logprobs: list[Score | None] = []  # one per prompt character (None: nothing before it)
 
     def ack(self, chars: int) -> None:
         self.acked += chars

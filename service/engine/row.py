@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import Tensor
 
 from service.engine.requests import GenerationRequest, StreamHandle
 from service.engine.snapshots import Snapshots
 from service.engine.stops import StopMatcher
+from service.sampling import Adjustment
 
 # A row's phase: reading a long prompt with `forward`, reading the rest of its prompt one character
 # per batched step, generating, or gone from the engine.
@@ -38,24 +41,29 @@ class Row:
     """
 
     __slots__ = (
+        "adjust",
         "auto_ack",
         "c_src",
         "fed",
+        "forks",
         "greedy",
         "h_src",
         "handle",
         "has_stops",
         "idx",
         "last_char_at",
+        "logprobs",
         "max_new",
         "outbox",
         "params",
+        "penalized",
         "pending",
         "phase",
         "reproducible",
         "req",
         "rng",
         "sampled",
+        "score_prompt",
         "session_chars",
         "snapshots",
         "stops",
@@ -71,6 +79,7 @@ class Row:
         pending: int,
         to_feed: list[int],
         session_chars: int,
+        vocab_size: int,
     ) -> None:
         self.handle = handle
         self.req = req
@@ -79,6 +88,11 @@ class Row:
         # its text must not depend on the batch, so its steps are padded (see calibration.py)
         self.reproducible = p.seed is not None or p.greedy or p.top_k == 1
         self.greedy = p.greedy
+        self.adjust = Adjustment(p, vocab_size) if p.adjusted else None  # logit_bias and penalties
+        self.penalized = p.penalized  # its adjustment changes with each character
+        self.logprobs = -1 if req.logprobs is None else req.logprobs  # alternatives it reports (-1: none)
+        self.score_prompt = req.score_prompt
+        self.forks = handle.siblings  # the other choices: rows of their own once the prompt is read
         self.max_new = req.max_new_chars
         self.auto_ack = req.auto_ack
         self.h_src, self.c_src, self.idx, self.pending = h, c, 0, pending
@@ -100,6 +114,17 @@ class Row:
     def sent(self) -> int:
         """Characters the client has been sent: where a row that is stopped early finishes."""
         return self.released if self.auto_ack else min(self.handle.acked, self.released)
+
+    def fork(self, handle: StreamHandle, choice: int, vocab_size: int) -> Row:
+        """Choice ``choice`` of this row's request, starting from this row's state (the prompt just
+        read): a row of its own with its own stream of draws; the state's tensors are shared, never
+        copied (steps never write into their inputs)."""
+        req = dataclasses.replace(self.req, params=dataclasses.replace(self.params, choice=choice))
+        row = Row(handle, req, self.h_src, self.c_src, self.pending, [], self.session_chars, vocab_size)
+        row.idx = self.idx
+        row.forks = []
+        handle.prompt_logprobs = self.handle.prompt_logprobs  # the same prompt, read once
+        return row
 
     def prompt_read(self, now: float) -> None:
         """The whole prompt is fed: generation starts from here (position 0)."""

@@ -41,9 +41,12 @@ class Scheduler:
         self._fresh = model.module.init_state(1)  # (h, c) of a row with no text yet
 
     def admit(self) -> None:
-        """Waiting requests become rows, up to ``max_streams``."""
+        """Waiting requests become rows, up to ``max_streams`` (counting the choices a row will fork)."""
         model, waiting = self.model, self.inbox.waiting
-        while waiting and len(self.rows) < self.max_streams:
+        if not waiting:
+            return
+        taken = self.taken()
+        while waiting and (not self.rows or taken + waiting[0][1].n <= self.max_streams):
             handle, req = waiting.popleft()
             state = req.state
             if state is not None:  # [L, H] -> [L, 1, H] views: no torch op (see `StepSampler`)
@@ -57,17 +60,27 @@ class Scheduler:
             if not feed and req.max_new_chars == 0:  # nothing to read, nothing to write: unchanged
                 blob = self.outputs.encode(h, c, 0, pending, consumed) if req.want_state else None
                 self.outputs.answer(handle, Finished("length", 0, consumed, blob))
+                for sibling in handle.siblings:  # n > 1: every choice is the same empty text
+                    self.outputs.answer(sibling, Finished("length", 0, consumed, None))
                 continue
             if not feed:  # no text at all: start from a newline, as `chargen sample` does
                 feed = [model.start_id]
-            row = Row(handle, req, h, c, feed[-1], feed[:-1], consumed + len(req.prompt_ids))
+            row = Row(handle, req, h, c, feed[-1], feed[:-1], consumed + len(req.prompt_ids), len(model.vocab))
+            if req.score_prompt and state is None and req.prompt_ids:
+                handle.prompt_logprobs.append(None)  # the first character has nothing before it
             self.rows.append(row)
+            taken += req.n
             self._route(row)
 
+    def taken(self) -> int:
+        """Rows running, and rows their prompts will fork into (n > 1)."""
+        return len(self.rows) + sum(len(r.forks) for r in self.rows)
+
     def _route(self, row: Row) -> None:
-        """Send a row to whichever path feeds the rest of its prompt (a function of its length only)."""
+        """Send a row to whichever path feeds the rest of its prompt (a function of its length and
+        the request only): a prompt to score is read with `forward`, which gives its logits."""
         left = len(row.to_feed) - row.fed
-        if left > self.step_prefill_chars:
+        if left > self.step_prefill_chars or (left and row.score_prompt):
             row.phase = PREFILL
             self.prefilling.append(row)  # `forward` in chunks, one row at a time
         elif left > 0:
@@ -100,6 +113,10 @@ class Scheduler:
             if r.phase is STEP_FEED
             or (r.phase is DECODE and (r.auto_ack or r.sampled - len(r.stops.held) - r.handle.acked < window))
         ]
+
+    def join(self, row: Row) -> None:
+        """A choice forked from a row whose prompt was read (outputs.py)."""
+        self.rows.append(row)
 
     def remove(self, row: Row) -> None:
         self.rows.remove(row)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from service.artifact import LoadedModel
 from service.engine.batch import Batch
+from service.engine.logprobs import keep_prompt, scores
 from service.engine.row import Row
 from service.sampling import sample_row, step_sampler
 
@@ -38,12 +39,12 @@ class Stepper:
         none, greedy rows draw none, so a row's numbers never depend on its neighbours.
         """
         rows, feeding = batch.rows, batch.feeding
-        if batch.steps == 1 and not batch.exact and len(rows) <= SMALL_BATCH:
+        if batch.steps == 1 and not batch.exact and len(rows) <= SMALL_BATCH and batch.top_n < 0:
             uniforms = [0.0 if f else r.rng.random() for f, r in zip(feeding, rows, strict=True)]
             logits, h, c = self.sampler.step(batch.tokens, batch.sources_h, batch.sources_c, batch.runs)
             values = logits.tolist()
             picks = [
-                -1 if f else sample_row(values[i], r.params, uniforms[i])
+                -1 if f else sample_row(values[i], r.params, uniforms[i], r.adjust)
                 for i, (f, r) in enumerate(zip(feeding, rows, strict=True))
             ]
             return [picks], [h], [c]
@@ -52,20 +53,27 @@ class Stepper:
             [0.0 if f or r.greedy else r.rng.random() for f, r in zip(feeding, rows, strict=True)]
             for _ in range(batch.steps)
         ]
-        picked, hs, cs = self.sampler(
-            batch.tokens,
-            batch.sources_h,
-            batch.sources_c,
-            batch.runs,
-            batch.params,
-            torch.tensor(u, dtype=torch.float64),
-            len(rows),
-        )
+        inputs = (batch.tokens, batch.sources_h, batch.sources_c, batch.runs, batch.params)
+        draws = torch.tensor(u, dtype=torch.float64)
+        if batch.top_n < 0:
+            picked, hs, cs = self.sampler(*inputs, draws, len(rows))
+        else:  # and each pick's log-probability (engine/logprobs.py)
+            picked, hs, cs, *scored = self.sampler.decode_scored(*inputs, draws, len(rows), batch.top_n)
+            batch.scores = scores(*scored)
         return picked.tolist(), hs, cs
 
     def prefill(self, row: Row, chunk: list[int]) -> None:
         """Feed a chunk of the row's prompt with `forward`, one row at a time (its numbers then never
-        depend on other streams): the row's state becomes the output."""
-        row.h_src, row.c_src = self.sampler.prefill(torch.tensor([chunk]), row.h_src, row.c_src, row.idx)
+        depend on other streams): the row's state becomes the output; scored when it asked."""
+        tokens = torch.tensor([chunk])
+        if row.score_prompt:  # each character's log-probability given the ones before it
+            end = row.fed + 1 + len(chunk)
+            targets = torch.tensor([*row.to_feed[row.fed + 1 : end], row.pending][: len(chunk)])
+            row.h_src, row.c_src, *scored = self.sampler.prefill_scored(
+                tokens, row.h_src, row.c_src, row.idx, targets, max(row.logprobs, 0)
+            )
+            keep_prompt(row, *scored)
+        else:
+            row.h_src, row.c_src = self.sampler.prefill(tokens, row.h_src, row.c_src, row.idx)
         row.idx = 0
         row.fed += len(chunk)

@@ -31,6 +31,7 @@ def describe(model: LoadedModel) -> dict[str, Any]:
         "layers": model.layers,
         "hidden": model.hidden,
         "vocab_size": len(model.vocab),
+        "vocab": model.vocab,  # a character's id (logit_bias's keys, logprobs) is its index here
         "params": meta.get("params"),
         "val_bpc": meta.get("val_bpc"),
         "train_steps": meta.get("train_steps"),
