@@ -19,8 +19,8 @@ import torch
 from chargen.sampling import Adjustment, BatchParams, Sampler, SamplingParams, sample_batch
 from service.artifact import LoadedModel, load_model
 from service.engine import Engine, GenerationRequest
-from service.metrics import Metrics
 from tests.service_support import ServerThread, generate
+from tests.test_engine import with_engine
 
 PROMPT = "ROMEO:\nthe night is "
 
@@ -81,18 +81,6 @@ async def choices(engine: Engine, request: GenerationRequest) -> list[tuple[str,
     return list(await asyncio.gather(*(read(h) for h in [first, *first.siblings])))
 
 
-def run(model: LoadedModel, scenario: Any, **options: Any) -> Any:
-    async def main() -> Any:
-        engine = Engine(model, Metrics(), **options)
-        engine.start(asyncio.get_running_loop())
-        try:
-            return await scenario(engine)
-        finally:
-            await asyncio.to_thread(engine.stop)
-
-    return asyncio.run(main())
-
-
 def test_seeded_choices_with_penalties_and_logprobs_do_not_depend_on_the_other_streams(model: LoadedModel) -> None:
     params = SamplingParams(temperature=1.0, top_k=30, seed=99, presence_penalty=0.4, frequency_penalty=0.3)
     mine = GenerationRequest(model.encode(PROMPT), 150, params, n=3, logprobs=2)
@@ -123,13 +111,13 @@ def test_seeded_choices_with_penalties_and_logprobs_do_not_depend_on_the_other_s
         results = await asyncio.gather(choices(engine, mine), *others)
         return results[0]
 
-    expected = run(model, alone)
+    expected = with_engine(model, alone)
     texts = [text for text, _ in expected]
     assert [len(t) for t in texts] == [150, 150, 150] and len(set(texts)) == 3
-    assert run(model, crowded) == expected
-    assert run(model, crowded, max_batch=4, decode_steps=1) == expected
+    assert with_engine(model, crowded) == expected
+    assert with_engine(model, crowded, max_batch=4, decode_steps=1) == expected
     single = GenerationRequest(model.encode(PROMPT), 150, params)
-    assert run(model, lambda engine: choices(engine, single))[0][0] == texts[0]  # choice 0 is n=1's text
+    assert with_engine(model, lambda engine: choices(engine, single))[0][0] == texts[0]  # choice 0 is n=1's text
 
 
 def test_chargen_sample_prints_what_the_api_returns_for_a_seed(tiny_artifact: Path) -> None:
@@ -150,7 +138,7 @@ def test_choices_not_yet_forked_end_with_their_first_when_it_is_cancelled(model:
         results = await asyncio.gather(first.finished, *(h.finished for h in first.siblings))
         return [r.reason for r in results]
 
-    assert run(model, scenario, prefill_chunk=8) == ["cancelled", "cancelled", "cancelled"]
+    assert with_engine(model, scenario, prefill_chunk=8) == ["cancelled", "cancelled", "cancelled"]
 
 
 def test_every_choice_of_an_empty_request_is_answered(model: LoadedModel) -> None:
@@ -159,4 +147,4 @@ def test_every_choice_of_an_empty_request_is_answered(model: LoadedModel) -> Non
         results = await asyncio.gather(*(h.finished for h in [first, *first.siblings]))
         return [(r.reason, r.completion_chars) for r in results]
 
-    assert run(model, scenario) == [("length", 0)] * 4
+    assert with_engine(model, scenario) == [("length", 0)] * 4
