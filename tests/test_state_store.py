@@ -256,3 +256,16 @@ def test_a_release_that_fails_is_retried_until_redis_is_back(tmp_path: Path) -> 
         asyncio.run(main())
     finally:
         server.stop()
+
+
+def test_a_burst_beyond_the_pool_waits_for_a_connection(redis_proc: RedisExecutor) -> None:
+    """More concurrent calls than pooled connections wait for one to come free; redis-py's default
+    pool raised "Too many connections" past 100 (seen at 64 streams with sessions in benchmarks)."""
+
+    async def scenario(store: SessionStore) -> None:
+        await store.create("burst", b"state")
+        states = await asyncio.gather(*(store.get("burst") for _ in range(40)))
+        assert [s.state if s else None for s in states] == [b"state"] * 40
+
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    run(RedisStore(url, 60, 1000, prefix=f"chargen:test-{secrets.token_hex(4)}:", max_connections=3), scenario)

@@ -32,6 +32,7 @@ from service.state_store.target import parse_target, redacted
 T = TypeVar("T")
 
 SWEEP_SHARE = 8  # each sweep call reads 1/8 of the slots' expiry indexes: a full pass every 8 calls
+MAX_CONNECTIONS = 100  # per redis-server (each primary's, in a cluster); redis-py's default
 RELEASE_RETRY_S = 0.25  # a release that failed is retried this often until the lease would have expired
 SWEEP_BATCH = 128  # index reads per pipeline: ~6 ms of the event loop's time (redis-py packs and parses)
 
@@ -82,6 +83,7 @@ class RedisStore(SessionStore):
         timeout_s: float = 2.0,
         password: str | None = None,
         tls: TlsFiles | None = None,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         super().__init__(ttl_s, lease_ms)
         self.layout = KeyLayout(prefix)
@@ -117,10 +119,18 @@ class RedisStore(SessionStore):
             # by itself on the next call once Redis is back. Without maintenance notifications
             # (a Redis Enterprise feature), the pool checks a pooled connection before handing
             # it out, so the first request after a Redis restart reconnects instead of failing.
+            # A burst of more calls than max_connections waits (up to timeout_s) for a connection
+            # to come free; redis-py's default pool raised "Too many connections" instead.
             maintenance = MaintNotificationsConfig(enabled=False)
-            self.redis = aioredis.from_url(
-                url, retry=Retry(NoBackoff(), 0), maint_notifications_config=maintenance, **options
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=timeout_s,
+                retry=Retry(NoBackoff(), 0),
+                maint_notifications_config=maintenance,
+                **options,
             )
+            self.redis = aioredis.Redis.from_pool(pool)
         self._create = Script(self.redis, lua.CREATE)
         self._acquire = Script(self.redis, lua.ACQUIRE)
         self._renew = Script(self.redis, lua.RENEW)
