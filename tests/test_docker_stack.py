@@ -215,7 +215,10 @@ def wait_for_session(client: httpx.Client, url: str, deadline_s: float, **body: 
         response = client.post(f"{url}/v1/generate", json=body)
         if response.status_code == 200:
             return response.json(), time.monotonic() - started
-        assert response.status_code in (409, 503), response.text  # busy (a dead replica's lease) / store down
+        # 409: busy (a dead replica's lease); 503: store down; 502: nginx sent this POST on a pooled
+        # keepalive connection to the replica before its restart and, the method not being
+        # idempotent, did not pass it on (seen twice in about ten runs; docs/deployment.md)
+        assert response.status_code in (409, 502, 503), response.text
         assert time.monotonic() - started < deadline_s, f"still {response.status_code}: {response.text}"
         time.sleep(0.5)
 
