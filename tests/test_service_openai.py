@@ -46,7 +46,10 @@ def test_streaming_with_the_client(client: openai.OpenAI) -> None:
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
-    assert len(chunks) > 2  # text arrives in several chunks
+    # text chunks, then the final one (finish_reason, no text); how many text chunks depends on
+    # timing (the engine coalesces what one flush interval made), so incremental arrival is shown
+    # where it is measured: test_service_api.py::test_stream_is_incremental_and_disconnect_saves_the_sent_text
+    assert [c.choices[0].text == "" for c in chunks] == [False] * (len(chunks) - 1) + [True]
 
 
 def test_stop_and_sessions_through_extra_body(client: openai.OpenAI, server: ServerThread) -> None:
