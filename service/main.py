@@ -61,7 +61,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         prefill_chunk=settings.prefill_chunk,
         step_prefill_chars=settings.step_prefill_chars,
         decode_steps=settings.decode_steps,
-        multi_step_rows=settings.multi_step_rows,
+        multi_step_ms=settings.multi_step_ms,
         stream_window=settings.stream_window,
         flush_interval_s=settings.flush_interval_ms / 1000,
         torch_threads=settings.torch_threads,

@@ -89,14 +89,13 @@ class Settings(BaseSettings):
         8,
         ge=1,
         le=64,
-        description="characters a batch of up to multi_step_rows rows takes per tick while no request waits "
-        "(1: one per tick)",
+        description="characters a batch takes per tick while no request waits, at most (1: one per tick)",
     )
-    multi_step_rows: int = Field(
-        16,
-        ge=1,
-        description="batches up to this many rows take decode_steps characters per tick: a tick of 8 steps at "
-        "16 rows is ~10 ms for the 3x256 model, which is how long a new request may wait to join",
+    multi_step_ms: float = Field(
+        10.0,
+        ge=0,
+        description="a tick of several characters lasts at most about this long, by the step time measured at "
+        "its batch size: how long a new request may wait to join (0: one character per tick)",
     )
     stream_window: int = Field(128, ge=1, description="characters the engine may run ahead of what a client was sent")
     flush_interval_ms: float = Field(

@@ -143,15 +143,15 @@ def test_the_scripted_step_sampler_is_the_step_then_the_sampler(model: LoadedMod
         # the state given in two pieces, as the engine does when a batch changed
         sources_h, sources_c = [h[:, :4], h[:, 4:]], [c[:, :4], c[:, 4:]]
         runs = [(0, 0, 4), (1, 0, rows + pad - 4)]
-        one_step = sampler.step(tokens, sources_h, sources_c, runs)
+        *one_step, _ = sampler.step(tokens, sources_h, sources_c, runs)
         reference = model.module.step(tokens, h, c)
         assert all(torch.equal(a, b) for a, b in zip(one_step, reference, strict=True))
         prompt = tokens[:5].unsqueeze(0)
         _, h_ref, c_ref = model.module.forward(prompt, h[:, 2:3], c[:, 2:3])
-        h_pre, c_pre = sampler.prefill(prompt, h, c, 2)
+        h_pre, c_pre, _ = sampler.prefill(prompt, h, c, 2)
         assert torch.equal(h_pre, h_ref) and torch.equal(c_pre, c_ref)
         u = torch.tensor(draws, dtype=torch.float64)
-        picked, hs, cs = sampler(tokens, sources_h, sources_c, runs, params, u, rows)
+        picked, hs, cs, _ = sampler(tokens, sources_h, sources_c, runs, params, u, rows)
         padding = tokens[rows:].tolist()
         assert picked.shape == (steps, rows) and len(hs) == len(cs) == steps
         for k in range(steps):
@@ -160,6 +160,37 @@ def test_the_scripted_step_sampler_is_the_step_then_the_sampler(model: LoadedMod
             expected = sample_batch(logits[:rows], params, draws[k])
             assert picked[k].tolist() == expected
             tokens = torch.tensor(expected + padding)
+
+
+def test_every_scripted_call_hands_back_the_tensors_it_was_given(model: LoadedModel) -> None:
+    """Python holds the engine's input tensors, so the last C++ reference to one must take the GIL
+    to let go of its Python object: inside the call, with the GIL given up, that waited behind the
+    event loop once per input. Each call hands its inputs back (the very objects), so those last
+    references go after the call, with the GIL taken back once."""
+    sampler = step_sampler(model.module)
+    rows = 3
+    h, c = (torch.zeros(model.layers, rows, model.hidden) for _ in range(2))
+    sources_h, sources_c, runs = [h[:, :1], h[:, 1:]], [c[:, :1], c[:, 1:]], [(0, 0, 1), (1, 0, rows - 1)]
+    tokens = torch.tensor([1, 2, 3])
+    params = BatchParams.of([SamplingParams()] * rows, len(model.vocab))
+    u = torch.full((2, rows), 0.5, dtype=torch.float64)
+    param_tensors = [t for t in params if isinstance(t, torch.Tensor)]
+    prompt, targets = torch.tensor([[4, 5]]), torch.tensor([5, 6])
+    calls = {
+        "forward": (sampler(tokens, sources_h, sources_c, runs, params, u, rows), [tokens, u, *param_tensors]),
+        "decode_scored": (
+            sampler.decode_scored(tokens, sources_h, sources_c, runs, params, u, rows, 2),
+            [tokens, u, *param_tensors],
+        ),
+        "step": (sampler.step(tokens, sources_h, sources_c, runs), [tokens]),
+        "prefill": (sampler.prefill(prompt, h, c, 1), [prompt, h, c]),
+        "prefill_scored": (sampler.prefill_scored(prompt, h, c, 1, targets, 2), [prompt, h, c, targets]),
+    }
+    for name, (result, given) in calls.items():
+        if name in ("forward", "decode_scored", "step"):
+            given = given + sources_h + sources_c
+        held = result[-1]
+        assert [id(t) for t in held] == [id(t) for t in given], name
 
 
 class RowCounter:

@@ -155,7 +155,7 @@ def decoding(model: LoadedModel, count: int, sampled: int = 1, **options: Any) -
 
 
 def test_only_a_batch_with_a_reproducible_row_is_padded(model: LoadedModel) -> None:
-    builder = BatchBuilder(model, EngineConfig(max_batch=8, decode_steps=8, multi_step_rows=16, stream_window=128))
+    builder = BatchBuilder(model, EngineConfig(max_batch=8, decode_steps=8, stream_window=128))
     builder.pad_to = 6
     unseeded = builder.build(decoding(model, 2), quiet=True)
     assert (unseeded.exact, len(unseeded.tokens), unseeded.runs[-1]) == (False, 2, (1, 0, 1))
@@ -164,11 +164,25 @@ def test_only_a_batch_with_a_reproducible_row_is_padded(model: LoadedModel) -> N
     assert seeded.tokens.tolist()[2:] == [0, 0, 0, 0]
 
 
+def timed(builder: BatchBuilder, rows: int, seconds_per_step: float) -> None:
+    """Tell the builder that a step of `rows` rows takes this long, as a tick of that size does."""
+    builder.step_seconds.pop(rows, None)
+    builder.timed(builder.build(decoding(builder.model, rows), quiet=False), seconds_per_step)
+
+
 def test_several_characters_per_tick_only_while_nobody_waits(model: LoadedModel) -> None:
-    builder = BatchBuilder(model, EngineConfig(max_batch=4, decode_steps=8, multi_step_rows=3, stream_window=20))
+    builder = BatchBuilder(model, EngineConfig(max_batch=4, decode_steps=8, multi_step_ms=10, stream_window=20))
+    assert builder.build(decoding(model, 2), quiet=True).steps == 1  # a size not timed yet: one step, timed
+    timed(builder, 2, 0.001)
     assert builder.build(decoding(model, 2), quiet=True).steps == 8
     assert builder.build(decoding(model, 2), quiet=False).steps == 1  # a request waits, or a prompt is read
-    assert builder.build(decoding(model, 4), quiet=True).steps == 1  # more rows than multi_step_rows
+    timed(builder, 4, 0.004)
+    assert builder.build(decoding(model, 4), quiet=True).steps == 2  # 2 steps of 4 ms fit in 10 ms
+    timed(builder, 3, 0.011)
+    assert builder.build(decoding(model, 3), quiet=True).steps == 1  # one step is over the budget already
+    builder.timed(builder.build(decoding(model, 3), quiet=False), 0.001)  # faster ticks pull the average down
+    assert builder.step_seconds[3] == pytest.approx(0.011 + 0.2 * (0.001 - 0.011))
+    timed(builder, 1, 0.001)
     assert builder.build(decoding(model, 2, sampled=0), quiet=True).steps == 1  # a first character is due
     assert builder.build(decoding(model, 1, sampled=7), quiet=True).steps == 3  # n=10: 3 characters left
     streamed = decoding(model, 1, auto_ack=False)
@@ -181,7 +195,7 @@ def test_several_characters_per_tick_only_while_nobody_waits(model: LoadedModel)
 
 
 def test_more_ready_rows_than_a_step_takes_rotate_and_a_steady_batch_reuses_its_output(model: LoadedModel) -> None:
-    builder = BatchBuilder(model, EngineConfig(max_batch=2, decode_steps=1, multi_step_rows=16, stream_window=128))
+    builder = BatchBuilder(model, EngineConfig(max_batch=2, decode_steps=1, stream_window=128))
     rows = decoding(model, 3)
     firsts = [builder.build(rows, quiet=True).rows for _ in range(3)]
     assert firsts == [rows[0:2], [rows[2], rows[0]], [rows[1], rows[2]]]
@@ -231,10 +245,11 @@ def test_the_step_draws_one_number_per_sampled_character_and_none_for_feeding_or
     model: LoadedModel,
 ) -> None:
     stepper = Stepper(model)
-    builder = BatchBuilder(model, EngineConfig(max_batch=8, decode_steps=3, multi_step_rows=16, stream_window=128))
+    builder = BatchBuilder(model, EngineConfig(max_batch=8, decode_steps=3, stream_window=128))
     sampling, greedy = decoding(model, 1, seed=5), decoding(model, 1, temperature=0)
     feeding = make_row(model, prompt="KING:")
     feeding.phase = STEP_FEED
+    timed(builder, 2, 0.001)
     for rows, steps in (([*sampling, *greedy], 3), ([*sampling, *greedy, feeding], 1)):
         before = [r.rng.getstate() for r in rows]
         batch = builder.build(rows, quiet=True)
@@ -255,7 +270,7 @@ def test_a_few_unseeded_rows_are_sampled_in_python_with_the_scripted_samplers_di
     model: LoadedModel,
 ) -> None:
     stepper = Stepper(model)
-    builder = BatchBuilder(model, EngineConfig(max_batch=8, decode_steps=1, multi_step_rows=16, stream_window=128))
+    builder = BatchBuilder(model, EngineConfig(max_batch=8, decode_steps=1, stream_window=128))
     rows = decoding(model, SMALL_BATCH)
     batch = builder.build(rows, quiet=True)
     draws = [random.Random(i).random() for i in range(SMALL_BATCH)]

@@ -17,6 +17,7 @@ from service.engine.row import STEP_FEED, Row
 from service.sampling import BatchParams
 
 Runs = list[tuple[int, int, int]]  # (source, start, end): rows start..end of sources[source]
+STEP_TIME_WEIGHT = 0.2  # a new tick's weight in the running average of a batch size's step time
 
 
 def gather_runs(rows: list[Row]) -> tuple[list[Tensor], list[Tensor], Runs]:
@@ -61,18 +62,21 @@ class Batch:
 class BatchBuilder:
     """Up to ``max_batch`` ready rows per step, rotating who goes first when more are ready.
 
-    A batch of up to ``multi_step_rows`` rows takes ``decode_steps`` characters per tick while
-    nobody waits (no request to admit, no prompt being read, no row before its first character or
-    penalized, none left out of the batch): the engine's Python then runs once per that many
-    characters. Every step is the same call at the same batch size and each row draws its numbers
-    in order, so the text is the same as one character per tick.
+    While nobody waits (no request to admit, no prompt being read, no row before its first
+    character or penalized, none left out of the batch) a batch takes up to ``decode_steps``
+    characters per tick, as many as fit in ``multi_step_ms`` at the step time measured for its
+    size (`timed`): the engine's Python, and the GIL's hand-back after the call, then come once per
+    that many characters, while a newcomer waits at most about that long to join. Every step is
+    the same call at the same batch size and each row draws its numbers in order, so the text is
+    the same as one character per tick.
     """
 
     def __init__(self, model: LoadedModel, config: EngineConfig) -> None:
         self.model = model
         self.max_batch = config.max_batch
         self.decode_steps = config.decode_steps
-        self.multi_step_rows = config.multi_step_rows
+        self.multi_step_s = config.multi_step_ms / 1000
+        self.step_seconds: dict[int, float] = {}  # batch size (padding included) -> seconds per step, averaged
         self.stream_window = config.stream_window
         self.pad_to = 1  # rows a reproducible step is padded to: the measured step_min_rows
         self._rotate = 0
@@ -109,7 +113,7 @@ class BatchBuilder:
         if params is None or penalized:
             params = BatchParams.of([r.params for r in rows], len(self.model.vocab), [r.adjust for r in rows])
         # rows waiting for a turn: one character each, or they would wait `steps` steps per character
-        steps = self._steps_for(rows, feeding) if quiet and not left_out and not penalized else 1
+        steps = self._steps_for(rows, feeding, len(rows) + pad) if quiet and not left_out and not penalized else 1
         feed = [r.to_feed[r.fed] if f else r.pending for r, f in zip(rows, feeding, strict=True)] + [0] * pad
         tokens = torch.from_numpy(np.array(feed, dtype=np.int64))  # a third of torch.tensor(list)'s cost
         return Batch(rows, feeding, steps, exact, tokens, sources_h, sources_c, runs, params, top_n, penalized)
@@ -118,15 +122,22 @@ class BatchBuilder:
         """The batch ran; (h, c) is its last step's output, the next tick's input if it is the same."""
         self._last_rows, self._last_h, self._last_c, self._last = batch.rows, h, c, batch
 
+    def timed(self, batch: Batch, seconds: float) -> None:
+        """The batch's call took ``seconds``: the step time of its size, averaged over recent ticks."""
+        size, per_step = batch.tokens.shape[0], seconds / batch.steps
+        last = self.step_seconds.get(size)
+        self.step_seconds[size] = per_step if last is None else last + STEP_TIME_WEIGHT * (per_step - last)
+
     def forget(self, row: Row | None = None) -> None:
         """A row of the last step left (or, with None, anything may have changed): gather afresh."""
         if row is None or row in self._last_rows:
             self._last_rows = []
 
-    def _steps_for(self, rows: list[Row], feeding: list[bool]) -> int:
-        steps = self.decode_steps
-        if steps == 1 or len(rows) > self.multi_step_rows or any(feeding):
+    def _steps_for(self, rows: list[Row], feeding: list[bool], size: int) -> int:
+        per_step = self.step_seconds.get(size)
+        if per_step is None or self.decode_steps == 1 or any(feeding):  # an unmeasured size: one step, timed
             return 1
+        steps = min(self.decode_steps, int(self.multi_step_s / per_step))
         for row in rows:
             if not row.sampled:  # its first character goes out after one step, not after `steps`
                 return 1

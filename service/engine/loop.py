@@ -103,7 +103,9 @@ class EngineLoop:
         ready = scheduler.ready()
         if ready:
             batch = self.batches.build(ready, quiet=not self.inbox.waiting and not scheduler.prefilling)
+            called = time.perf_counter()
             picks, states_h, states_c = self.stepper.decode(batch)
+            self.batches.timed(batch, time.perf_counter() - called)
             self.batches.stepped(batch, states_h[-1], states_c[-1])
             self.outputs.take(batch, picks, states_h, states_c)
             worked = True

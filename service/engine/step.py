@@ -3,7 +3,8 @@ parameters and PRNG (see `StepSampler` in service/sampling.py), and long prompts
 
 Every eager torch op gives up the GIL and must take it back, which behind a busy event loop waits
 up to a switch interval, so nothing here is an eager op but building the call's inputs with
-functions that keep the GIL (`torch.tensor`, `.tolist()`).
+functions that keep the GIL (`torch.tensor`, `.tolist()`); what each call hands back as ``held``
+is its own inputs, released here rather than inside the call (see `StepSampler`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Stepper:
         rows, feeding = batch.rows, batch.feeding
         if batch.steps == 1 and not batch.exact and len(rows) <= SMALL_BATCH and batch.top_n < 0:
             uniforms = [0.0 if f else r.rng.random() for f, r in zip(feeding, rows, strict=True)]
-            logits, h, c = self.sampler.step(batch.tokens, batch.sources_h, batch.sources_c, batch.runs)
+            logits, h, c, _held = self.sampler.step(batch.tokens, batch.sources_h, batch.sources_c, batch.runs)
             values = logits.tolist()
             picks = [
                 -1 if f else sample_row(values[i], r.params, uniforms[i], r.adjust)
@@ -56,9 +57,9 @@ class Stepper:
         inputs = (batch.tokens, batch.sources_h, batch.sources_c, batch.runs, batch.params)
         draws = torch.tensor(u, dtype=torch.float64)
         if batch.top_n < 0:
-            picked, hs, cs = self.sampler(*inputs, draws, len(rows))
+            picked, hs, cs, _held = self.sampler(*inputs, draws, len(rows))
         else:  # and each pick's log-probability (engine/logprobs.py)
-            picked, hs, cs, *scored = self.sampler.decode_scored(*inputs, draws, len(rows), batch.top_n)
+            picked, hs, cs, *scored, _held = self.sampler.decode_scored(*inputs, draws, len(rows), batch.top_n)
             batch.scores = scores(*scored)
         return picked.tolist(), hs, cs
 
@@ -69,11 +70,11 @@ class Stepper:
         if row.score_prompt:  # each character's log-probability given the ones before it
             end = row.fed + 1 + len(chunk)
             targets = torch.tensor([*row.to_feed[row.fed + 1 : end], row.pending][: len(chunk)])
-            row.h_src, row.c_src, *scored = self.sampler.prefill_scored(
+            row.h_src, row.c_src, *scored, _held = self.sampler.prefill_scored(
                 tokens, row.h_src, row.c_src, row.idx, targets, max(row.logprobs, 0)
             )
             keep_prompt(row, *scored)
         else:
-            row.h_src, row.c_src = self.sampler.prefill(tokens, row.h_src, row.c_src, row.idx)
+            row.h_src, row.c_src, _held = self.sampler.prefill(tokens, row.h_src, row.c_src, row.idx)
         row.idx = 0
         row.fed += len(chunk)
