@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any
@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from chargen.artifact import ArtifactError
 from service.artifact import LoadedModel, load_model
 from service.auth import ApiKeys, require_key
+from service.balancer import Acceptor, CountedConnections, LoadTable
 from service.engine import EngineConfig
 from service.errors import ERROR_RESPONSES, install_error_handlers
 from service.generation import Generations
@@ -282,6 +283,42 @@ def logging_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+class WorkerServer(DrainingServer):
+    """A worker of ``--workers N``: its connections come from an `Acceptor` taking turns on the shared socket."""
+
+    def __init__(self, *args: Any, listener: socket.socket, table: LoadTable, slot: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.listener = listener
+        self.table = table
+        self.slot = slot
+        self.acceptor: Acceptor | None = None
+        self.counted: Callable[[int], None] | None = None  # set by serve(): the connections gauge
+        self.server_state.connections = CountedConnections(self._connections_changed)
+
+    def _connections_changed(self) -> None:
+        if self.acceptor is not None:
+            self.acceptor.changed()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=[])  # the lifespan, and no listening server of uvicorn's own
+        config = self.config
+
+        def protocol() -> asyncio.Protocol:  # as uvicorn's own startup makes them
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+
+        self.acceptor = Acceptor(
+            self.listener, self.table, self.slot, protocol, self.server_state.connections, self.counted
+        )
+        self.acceptor.start()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.acceptor is not None:
+            self.acceptor.stop()
+        await super().shutdown(sockets)
+
+
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -310,13 +347,28 @@ def bind_listener(config: uvicorn.Config, settings: Settings) -> socket.socket |
 
 
 def serve(
-    settings: Settings, loaded: LoadedModel | None, listener: socket.socket | None = None, parent_pid: int | None = None
+    settings: Settings,
+    loaded: LoadedModel | None,
+    listener: socket.socket | None = None,
+    parent_pid: int | None = None,
+    balance: tuple[LoadTable, int] | None = None,
 ) -> int:
-    """One service process on ``listener`` (default: its own socket) until it has drained."""
+    """One service process on ``listener`` (default: its own socket) until it has drained.
+
+    ``balance``: a worker's table of connection counts and its slot there: it then accepts on
+    the shared ``listener`` in turn with the other workers (service/balancer.py)."""
     app = create_app(settings, loaded)
     config = uvicorn_config(app, settings)
     generations = lambda: getattr(app.state, "generations", None)  # noqa: E731
-    server = DrainingServer(config, generations, settings.drain_timeout_s, parent_pid)
+    if balance is None:
+        server = DrainingServer(config, generations, settings.drain_timeout_s, parent_pid)
+    else:
+        assert listener is not None
+        table, slot = balance
+        server = WorkerServer(
+            config, generations, settings.drain_timeout_s, parent_pid, listener=listener, table=table, slot=slot
+        )
+        server.counted = app.state.metrics.worker_connections.set
     if listener is None:
         listener = bind_listener(config, settings)
         if listener is None:

@@ -100,6 +100,13 @@ class Metrics:
         # 1 per worker process: the sum says how many serve (1 without --workers)
         self.workers = Gauge("chargen_workers", "worker processes serving", registry=r, multiprocess_mode="livesum")
         self.workers.set(1)
+        # per worker (a pid label), with --workers only: how evenly the connections spread (service/balancer.py)
+        self.worker_connections = Gauge(
+            "chargen_worker_connections",
+            "open connections of each worker process",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self._engine_side = [self.chars_generated, self.time_between_chars, self.batch_size, self.tick_seconds]
         self._per_model: dict[str, ModelMetrics] = {}
 

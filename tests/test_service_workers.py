@@ -3,7 +3,8 @@
 One supervisor with two workers: both count in /metrics (prometheus multiprocess mode, summed),
 a killed worker is replaced, seeded text and sessions are the same whichever worker answers,
 and SIGTERM drains every worker's streams (each saves its session) before an exit 0 that leaves
-no metrics directory behind. Without Redis, more than one worker is refused.
+no metrics directory behind. Without Redis, more than one worker is refused. Connections spread
+evenly, and a stopped worker does not hold the others back.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import httpx
 import pytest
 from pytest_redis.executor import RedisExecutor
 
+from service.balancer import SLOT, STALE_S, LoadTable, now_ms
 from service.settings import Settings
 from tests.service_support import CHARGEN, ServerProcess, generate, metric, new_session, wait_until
 
@@ -150,3 +152,66 @@ def test_workers_share_a_port_replace_the_dead_and_drain_on_sigterm(
     with ServerProcess(tiny_artifact, **state) as single, httpx.Client(timeout=60) as http:
         consumed = [http.get(f"{single.url}/v1/sessions/{s}").json()["chars_consumed"] for s in sessions]
         assert consumed == [len(PROMPT) + LONG] * 4
+
+
+# ---- connections spread over the workers (service/balancer.py) --------------------------------
+
+
+def worker_connections(url: str) -> dict[int, float]:
+    """Each worker's open connections, by pid, as /metrics shows them (asked on a new connection)."""
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("chargen_worker_connections{"):
+            labels, value = line.rsplit(" ", 1)
+            out[int(labels.split('pid="')[1].split('"')[0])] = float(value)
+    return out
+
+
+def test_the_load_table_compares_live_workers_only(tmp_path: Path) -> None:
+    path = tmp_path / "connections"
+    LoadTable.create(path, 3)
+    table = LoadTable(path)
+    assert table.least_of_others(0) is None  # no other worker has started
+    table.publish(1, 5)
+    table.publish(2, 3)
+    assert (table.least_of_others(0), table.least_of_others(2)) == (3, 5)
+    table.retire(2)  # stopping, or reaped by the supervisor
+    assert table.least_of_others(0) == 5
+    SLOT.pack_into(table._map, SLOT.size, 5, now_ms() - int(2000 * STALE_S))  # a heartbeat 2 s old: wedged
+    assert table.least_of_others(0) is None
+    table.close()
+
+
+def test_workers_take_turns_and_one_that_stops_is_left_out(tiny_artifact: Path, redis_proc: RedisExecutor) -> None:
+    """20 connections opened one after another split 10/10 (the kernel's hash or a race would
+    rarely give that); with one worker stopped (SIGSTOP), the other takes every new connection
+    once the stopped one's heartbeat is a second old."""
+    state = dict(state_url=f"redis://{redis_proc.host}:{redis_proc.port}/0", redis_prefix=f"b{secrets.token_hex(3)}:")
+    server = ServerProcess(tiny_artifact, workers=2, **state)
+    server.start()
+    assert server.proc is not None
+    clients: list[httpx.Client] = []
+    try:
+        wait_until(lambda: len(worker_connections(server.url)) == 2, what="both workers")
+        wait_until(lambda: sum(worker_connections(server.url).values()) == 1, what="idle workers")
+        for _ in range(20):  # each a keep-alive connection of its own, kept open
+            client = httpx.Client(timeout=10)
+            clients.append(client)
+            assert client.get(server.url + "/healthz").status_code == 200
+        assert sorted(worker_connections(server.url).values()) == [10.0, 11.0]  # 11: the scrape's own
+
+        stopped = children(server.proc.pid)[0]
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            for _ in range(4):
+                client = httpx.Client(timeout=10)
+                clients.append(client)
+                assert client.get(server.url + "/healthz").status_code == 200
+            counts = worker_connections(server.url)
+            assert (counts[stopped], sum(counts.values())) == (10.0, 25.0)  # 4 + the scrape, all elsewhere
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
