@@ -86,13 +86,13 @@ class Settings(BaseSettings):
         32, ge=0, description="a prompt with at most this many characters left is fed inside the batched steps"
     )
     decode_steps: int = Field(
-        8,
+        16,
         ge=1,
         le=64,
         description="characters a batch takes per tick while no request waits, at most (1: one per tick)",
     )
     multi_step_ms: float = Field(
-        10.0,
+        20.0,
         ge=0,
         description="a tick of several characters lasts at most about this long, by the step time measured at "
         "its batch size: how long a new request may wait to join (0: one character per tick)",

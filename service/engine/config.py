@@ -13,8 +13,8 @@ class EngineConfig:
     step_min_rows: int | None = None  # pad steps with a reproducible row to this; None: measured at start-up
     prefill_chunk: int = 64  # characters of a long prompt fed per tick, with `forward`
     step_prefill_chars: int = 32  # a prompt with at most this many characters left rides in the steps
-    decode_steps: int = 8  # characters a batch takes per tick while nobody waits, at most
-    multi_step_ms: float = 10.0  # ...and only as many as fit in this long a tick (a newcomer waits that long)
+    decode_steps: int = 16  # characters a batch takes per tick while nobody waits, at most
+    multi_step_ms: float = 20.0  # ...and only as many as fit in this long a tick (a newcomer waits that long)
     stream_window: int = 128  # characters a stream may run ahead of what its client was sent
     flush_interval_s: float = 0.02  # hand text to the event loop at most this often while busy
     torch_threads: int = 1  # intra-op threads of the engine's thread
