@@ -284,16 +284,38 @@ def logging_config(settings: Settings) -> dict[str, Any]:
 
 
 class WorkerServer(DrainingServer):
-    """A worker of ``--workers N``: its connections come from an `Acceptor` taking turns on the shared socket."""
+    """A worker of ``--workers N``: its connections come from an `Acceptor` taking turns on the
+    shared socket, and it leaves (drains, exits 1) once one of its engine threads has died, for
+    the supervisor to start another: a dead engine would otherwise keep taking its share of the
+    connections and answer each with 503 while probes on the shared port mostly reach the others.
+    """
 
-    def __init__(self, *args: Any, listener: socket.socket, table: LoadTable, slot: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        listener: socket.socket,
+        table: LoadTable,
+        slot: int,
+        engine_failure: Callable[[], str | None],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.listener = listener
         self.table = table
         self.slot = slot
+        self.engine_failure = engine_failure  # why an engine of this worker died, or None
+        self.engine_died = False
         self.acceptor: Acceptor | None = None
         self.counted: Callable[[int], None] | None = None  # set by serve(): the connections gauge
         self.server_state.connections = CountedConnections(self._connections_changed)
+
+    async def on_tick(self, counter: int) -> bool:
+        if not self.engine_died and (failure := self.engine_failure()) is not None:
+            log.error("an engine of this worker died (%s): draining, then exiting for a new worker", failure)
+            self.engine_died = self._drain_requested = True
+            if self.acceptor is not None:
+                self.acceptor.stop()  # the other workers take the new connections from here
+        return await super().on_tick(counter)
 
     def _connections_changed(self) -> None:
         if self.acceptor is not None:
@@ -346,6 +368,29 @@ def bind_listener(config: uvicorn.Config, settings: Settings) -> socket.socket |
     return listener
 
 
+def worker_server(
+    app: Any, settings: Settings, listener: socket.socket, table: LoadTable, slot: int, parent_pid: int | None
+) -> WorkerServer:
+    """The uvicorn server of one worker of ``--workers N`` (service/balancer.py for the turns)."""
+
+    def engine_failure() -> str | None:
+        registry = getattr(app.state, "registry", None)
+        return registry.engine_failure() if registry is not None else None
+
+    server = WorkerServer(
+        uvicorn_config(app, settings),
+        lambda: getattr(app.state, "generations", None),
+        settings.drain_timeout_s,
+        parent_pid,
+        listener=listener,
+        table=table,
+        slot=slot,
+        engine_failure=engine_failure,
+    )
+    server.counted = app.state.metrics.worker_connections.set
+    return server
+
+
 def serve(
     settings: Settings,
     loaded: LoadedModel | None,
@@ -358,24 +403,24 @@ def serve(
     ``balance``: a worker's table of connection counts and its slot there: it then accepts on
     the shared ``listener`` in turn with the other workers (service/balancer.py)."""
     app = create_app(settings, loaded)
-    config = uvicorn_config(app, settings)
-    generations = lambda: getattr(app.state, "generations", None)  # noqa: E731
-    if balance is None:
-        server = DrainingServer(config, generations, settings.drain_timeout_s, parent_pid)
+    server: DrainingServer
+    if balance is not None and listener is not None:
+        server = worker_server(app, settings, listener, *balance, parent_pid)
     else:
-        assert listener is not None
-        table, slot = balance
-        server = WorkerServer(
-            config, generations, settings.drain_timeout_s, parent_pid, listener=listener, table=table, slot=slot
-        )
-        server.counted = app.state.metrics.worker_connections.set
-    if listener is None:
-        listener = bind_listener(config, settings)
+        config = uvicorn_config(app, settings)
+        generations = lambda: getattr(app.state, "generations", None)  # noqa: E731
+        server = DrainingServer(config, generations, settings.drain_timeout_s, parent_pid)
+        listener = listener or bind_listener(config, settings)
         if listener is None:
             return 1
     with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=[listener])
-    return 0 if server.started else 1
+    return exit_status(server)
+
+
+def exit_status(server: DrainingServer) -> int:
+    """0 after a clean drain; 1 when it never started or left because an engine died."""
+    return 0 if server.started and not getattr(server, "engine_died", False) else 1
 
 
 def run(host: str | None = None, port: int | None = None, model: str | None = None, workers: str | None = None) -> int:

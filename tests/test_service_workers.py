@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 from pytest_redis.executor import RedisExecutor
 
 from service.balancer import SLOT, STALE_S, LoadTable, now_ms
+from service.main import create_app, exit_status, worker_server
 from service.settings import Settings
 from tests.service_support import CHARGEN, ServerProcess, generate, metric, new_session, wait_until
 
@@ -215,3 +217,44 @@ def test_workers_take_turns_and_one_that_stops_is_left_out(tiny_artifact: Path, 
         for client in clients:
             client.close()
         server.stop()
+
+
+def test_a_worker_whose_engine_dies_drains_and_exits_1_for_the_supervisor_to_replace(
+    tiny_artifact: Path, redis_proc: RedisExecutor, tmp_path: Path
+) -> None:
+    """A dead engine would keep taking its share of the connections and answer each with 503
+    while probes on the shared port mostly reach the other workers: the worker leaves instead."""
+    settings = Settings(
+        model=str(tiny_artifact),
+        state_url=f"redis://{redis_proc.host}:{redis_proc.port}/0",
+        redis_prefix=f"e{secrets.token_hex(3)}:",
+        drain_timeout_s=5,
+    )
+    LoadTable.create(tmp_path / "connections", 2)
+    table = LoadTable(tmp_path / "connections")
+    listener = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    app = create_app(settings)
+    server = worker_server(app, settings, listener, table, 0, None)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: httpx.get(url + "/healthz", timeout=5).status_code == 200, what="the worker")
+        assert table.read(0)[0] >= 0  # taking its turns
+        engine = app.state.registry.resolve(None).engine
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("injected: handing text over failed")
+
+        engine._handover.flush = broken  # outside the tick's own guard: the engine thread dies of it
+        reply = httpx.post(url + "/v1/generate", json={"prompt": PROMPT, "max_new_chars": 5}, timeout=30)
+        assert (reply.status_code, reply.json()["error"]["code"]) == (503, "engine_stopped")
+        thread.join(30)
+        assert not thread.is_alive()
+        assert (server.engine_died, exit_status(server)) == (True, 1)
+        assert table.read(0)[0] == -1  # out of the turns: the other workers take every new connection
+    finally:
+        server.should_exit = server.force_exit = True
+        thread.join(10)
+        listener.close()
+        table.close()

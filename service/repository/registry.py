@@ -338,6 +338,13 @@ class ModelRegistry:
     def all_versions(self) -> list[ServedVersion]:
         return [v for e in (*self.entries.values(), *self.leaving) for v in e.versions]
 
+    def engine_failure(self) -> str | None:
+        """Why an engine thread died, if one did (the process should then be restarted)."""
+        for version in self.all_versions():
+            if version.engine.failure is not None:
+                return f"model {version.model_id}: {version.engine.failure}"
+        return None
+
     async def close(self) -> None:
         for task in list(self._drains):
             task.cancel()

@@ -19,10 +19,8 @@ router = APIRouter(tags=["health"])
 async def healthz(request: Request) -> JSONResponse:
     """200 while the process can serve; 503 once an engine thread has died (restart the process)."""
     registry = getattr(request.app.state, "registry", None)
-    for version in registry.all_versions() if registry is not None else ():
-        if version.engine.failure is not None:
-            reason = f"model {version.model_id}: {version.engine.failure}"
-            return JSONResponse({"status": "failed", "reason": reason}, status_code=503)
+    if registry is not None and (reason := registry.engine_failure()) is not None:
+        return JSONResponse({"status": "failed", "reason": reason}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
