@@ -306,7 +306,7 @@ class WorkerServer(DrainingServer):
         self.engine_failure = engine_failure  # why an engine of this worker died, or None
         self.engine_died = False
         self.acceptor: Acceptor | None = None
-        self.counted: Callable[[int], None] | None = None  # set by serve(): the connections gauge
+        self.counted: Callable[[int], None] | None = None  # set by worker_server(): the connections gauge
         self.server_state.connections = CountedConnections(self._connections_changed)
 
     async def on_tick(self, counter: int) -> bool:
