@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +24,7 @@ from service.engine.batch import BatchBuilder, gather_runs
 from service.engine.calibration import Padding, choose_padding, find_step_min_rows
 from service.engine.config import EngineConfig
 from service.engine.handover import Handover
+from service.engine.loop import EngineLoop
 from service.engine.outputs import Outputs
 from service.engine.requests import Finished, GenerationRequest, Inbox
 from service.engine.row import DECODE, DONE, PREFILL, STEP_FEED, Row
@@ -314,6 +316,33 @@ def test_the_handover_sends_one_piece_per_row_and_results_after_their_text() -> 
         return delivered
 
     assert asyncio.run(main()) == [("two", "x"), ("two", Finished("length", 3, 3, None)), ("one", "abc")]
+
+
+def test_a_tick_hands_over_the_text_of_earlier_ticks_just_before_its_model_call(model: LoadedModel) -> None:
+    """While the call runs without the GIL the event loop writes the events; after the call this
+    thread's Python then does not wait for the GIL behind it (loop.py)."""
+    posted: list[list[Any]] = []
+    handover = Handover(lambda events: None, interval_s=0.0)
+    handover.post = lambda fn, events: posted.append(events)  # type: ignore[method-assign]
+    inbox = Inbox()
+    config = EngineConfig(decode_steps=1, max_streams=2)
+    engine = EngineLoop(model, Metrics().for_model(model.model_id), config, inbox, threading.Event(), handover, print)
+    unsent_at_call: list[int] = []
+    decode = engine.stepper.decode
+
+    def recording_decode(batch: Any) -> Any:
+        unsent_at_call.append(sum(len(row.outbox) for row in handover.outboxes))
+        return decode(batch)
+
+    engine.stepper.decode = recording_decode  # type: ignore[method-assign]
+    request = GenerationRequest(model.encode("KING"), 5, SamplingParams(seed=3))
+    inbox.put(handle(), request)
+    for _ in range(9):  # 3 prompt characters, then 5 sampled ones, then one tick with no row
+        engine.tick()
+    texts = [text for events in posted for _, text in events if isinstance(text, str)]
+    assert unsent_at_call == [0] * 8  # every call started with everything earlier handed over
+    assert len(texts) == 5 and len("".join(texts)) == 5  # one piece per tick, each handed over once
+    assert isinstance(posted[-1][-1][1], Finished)
 
 
 # ---- scheduler.py and outputs.py -----------------------------------------------------------------

@@ -34,7 +34,7 @@ class Handover:
         self._flushed_at = 0.0
 
     def due(self, worked: bool) -> bool:
-        """Whether to hand over after this tick (always when the engine runs out of work)."""
+        """Whether to hand over now (always when the engine runs out of work)."""
         return not worked or self.urgent or time.perf_counter() - self._flushed_at >= self.interval_s
 
     def text(self, row: Row, text: str) -> None:

@@ -27,8 +27,14 @@ SHUTTING_DOWN = "the service is shutting down"
 
 
 class EngineLoop:
-    """Each tick: admit waiting requests, feed one chunk of one long prompt, run ONE step over every
-    ready row (one scripted call), hand what the rows produced to the event loop when due.
+    """Each tick: admit waiting requests, hand the text of earlier ticks to the event loop when due,
+    feed one chunk of one long prompt, run ONE step over every ready row (one scripted call).
+
+    The hand-over goes just before the model's call, not after it: the event loop then writes the
+    streams' events while the call runs without the GIL, instead of while this thread's Python
+    (taking the step's output, building the next batch) waits for the GIL behind it. Only urgent
+    text (a first character, a finished row) goes out at the end of a tick, and everything when
+    the engine runs out of work.
 
     ``died`` is called (on this thread) with the reason if anything escapes a tick's own guard.
     """
@@ -71,7 +77,7 @@ class EngineLoop:
                 while not self.stopping:
                     self.wake.clear()
                     worked = self._guarded_tick()
-                    if self.handover.due(worked):
+                    if not worked or self.handover.urgent:
                         self._flush()
                     if not worked and not self.stopping:
                         self.wake.wait(1.0)  # submit, ack, cancel and stop set it
@@ -96,6 +102,8 @@ class EngineLoop:
         scheduler = self.scheduler
         scheduler.admit()
         scheduler.reap_cancelled()
+        if self.handover.due(worked=True):  # before the model's call: see the class docstring
+            self._flush()
         worked = False
         if scheduler.prefilling:
             scheduler.prefill_one()
