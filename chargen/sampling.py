@@ -150,12 +150,17 @@ def sample_logits(logits: Tensor, params: BatchParams, u: Tensor) -> Tensor:
     smallest prefix whose mass reaches top_p. Which of the two a row takes depends only on its own
     parameters, never on the other rows.
     """
+    return sample_with_draws(logits, params, u.to(torch.float64).unsqueeze(1))
+
+
+def sample_with_draws(logits: Tensor, params: BatchParams, u: Tensor) -> Tensor:
+    """`sample_logits` with the draws already float64 [B, 1]: the engine shapes a tick's draws once,
+    not once per step (each torch op costs a few µs in a step of about a millisecond)."""
     if params.any_adjust:  # float64 sums: a row whose adjustment is zero keeps its exact logits
         logits = logits.to(torch.float64) + params.adjust
     if params.all_greedy:
         return torch.argmax(logits, dim=1)
     x = logits.to(torch.float64) / params.temperature
-    u = u.to(torch.float64).unsqueeze(1)
     if params.all_cut:
         picked = sample_sorted(x, params, u)
     else:

@@ -17,6 +17,7 @@ from chargen.sampling import (
     sample_batch,
     sample_logits,
     sample_row,
+    sample_with_draws,
     script,
 )
 
@@ -108,19 +109,23 @@ class StepSampler(nn.Module):
         chosen: list[Tensor] = []
         top_v: list[Tensor] = []
         top_i: list[Tensor] = []
+        draws = u.to(torch.float64).unsqueeze(2)  # [K, rows, 1]: shaped once, not per step
+        padded = rows < tokens.shape[0]  # without padding, no slicing and joining per step
         padding = tokens[rows:]
         for k in range(u.shape[0]):
             logits, h, c = self.model.step(tokens, h, c)
-            picked = sample_logits(logits[:rows], params, u[k])
+            if padded:
+                logits = logits[:rows]
+            picked = sample_with_draws(logits, params, draws[k])
             picks.append(picked)
             hs.append(h)
             cs.append(c)
             if top_n >= 0:
-                lp, tv, ti = score(logits[:rows], picked, top_n)
+                lp, tv, ti = score(logits, picked, top_n)
                 chosen.append(lp)
                 top_v.append(tv)
                 top_i.append(ti)
-            tokens = torch.cat([picked, padding])
+            tokens = torch.cat([picked, padding]) if padded else picked
         if top_n < 0:
             empty = torch.zeros(0)
             return torch.stack(picks), hs, cs, empty, empty, empty.long(), held
