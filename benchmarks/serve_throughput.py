@@ -22,6 +22,9 @@ One run does these:
    view;
 4. the baseline: the same service with batching off (``CHARGEN_MAX_BATCH=1``) at the highest level.
 
+Every process of the run (this one, the ceiling's helpers, the service) runs on one allocator:
+``--allocator`` (default auto: tcmalloc where it is installed, as the service's default).
+
 Then the ratios against the targets. Characters that arrive in one SSE event count as arriving
 together (a gap of 0 for all but the first).
 
@@ -581,7 +584,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed stream i with SEED+i (default: unseeded)")
     parser.add_argument("--also-seeded-single", action="store_true", help="also run 1 seeded stream")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here as JSON")
+    parser.add_argument(
+        "--allocator",
+        choices=["auto", "tcmalloc", "system"],
+        default="auto",
+        help="malloc of every process of the run: this one, the ceiling's helpers and the service (CHARGEN_ALLOCATOR)",
+    )
     args = parser.parse_args(argv)
+    # The ceiling runs on the allocator the service runs on: this process starts itself again on
+    # tcmalloc (as `chargen serve` does), and its helpers and the service inherit the preload.
+    sys.path.insert(0, str(ROOT))
+    from service import allocator
+
+    allocator.restart_with_tcmalloc(args.allocator)
     levels = sorted({int(x) for x in args.levels.split(",") if x.strip()})
     model = args.model.resolve()
     if not model.exists():
@@ -592,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0))
     print(
         f"model {model}, {args.chars} chars per stream, prompt {len(args.prompt)} chars, "
-        f"torch threads {args.threads}, workers {args.workers}, {cores} cores, sessions in Redis: {sessions}",
+        f"torch threads {args.threads}, workers {args.workers}, {cores} cores, sessions in Redis: {sessions}, "
+        f"every process on {allocator.describe()}",
         flush=True,
     )
     feed_ms = prompt_feed_ms(model, len(args.prompt), args.threads)
@@ -636,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         "CHARGEN_MAX_QUEUE": str(max(64, top)),
         "CHARGEN_MAX_NEW_CHARS": str(max(4096, args.chars)),
         "CHARGEN_WORKERS": args.workers,
+        "CHARGEN_ALLOCATOR": args.allocator,
     }
     batched: list[Level] = []
     baseline: list[Level] = []

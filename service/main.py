@@ -23,6 +23,7 @@ from fastapi import Depends, FastAPI
 from pydantic import ValidationError
 
 from chargen.artifact import ArtifactError
+from service import allocator
 from service.artifact import LoadedModel, load_model
 from service.auth import ApiKeys, require_key
 from service.balancer import Acceptor, CountedConnections, LoadTable
@@ -122,9 +123,10 @@ def create_app(settings: Settings | None = None, model: LoadedModel | None = Non
         gc.collect()
         gc.freeze()
         log.info(
-            "serving %s with sessions in %s",
+            "serving %s with sessions in %s, on %s",
             ", ".join(f"{v.model_id} ({v.fingerprint[:19]})" for v in registry.all_versions()) or "no model yet",
             store.describe(),  # never the URL's user name or password
+            allocator.describe(),
         )
         try:
             yield
@@ -427,6 +429,14 @@ def run(host: str | None = None, port: int | None = None, model: str | None = No
     """Serve until interrupted; returns the process exit code (2: bad settings or model)."""
     settings = read_settings(host=host, port=port, model=model, workers=workers)
     if settings is None:
+        return 2
+    try:
+        if settings.worker_count == 1:  # returns unless it should start again (service/allocator.py)
+            allocator.restart_with_tcmalloc(settings.allocator)
+        else:  # each worker starts on the allocator
+            allocator.preloading(settings.allocator, os.environ)
+    except allocator.AllocatorMissing as err:
+        print(f"chargen: error: {err}", file=sys.stderr)
         return 2
     loaded = None
     if settings.models_dir is None:  # a directory's bad files are listed failed, not fatal

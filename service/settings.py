@@ -132,6 +132,11 @@ class Settings(BaseSettings):
         description="the engine's model steps: bf16 weights (turns mkldnn on), fp32, or auto: bf16 only where a "
         "start-up measurement finds it faster at 1 row and at max_batch rows (docs/benchmarks.md: bf16)",
     )
+    allocator: Literal["auto", "tcmalloc", "system"] = Field(
+        "auto",
+        description="malloc of the processes that run the model: tcmalloc (preloaded; auto: where the dynamic "
+        "linker finds libtcmalloc_minimal) or the system's (docs/benchmarks.md: the allocator)",
+    )
     log_level: str = "info"
 
     @field_validator("state_url")

@@ -36,6 +36,7 @@ from types import FrameType
 
 from prometheus_client import multiprocess
 
+from service import allocator
 from service.balancer import LoadTable
 from service.metrics import MULTIPROCESS_DIR
 from service.settings import Settings
@@ -147,6 +148,7 @@ def supervise(settings: Settings) -> int:
     env["CHARGEN_HOST"], env["CHARGEN_PORT"] = settings.host, str(listener.getsockname()[1])
     if settings.model_id:
         env["CHARGEN_MODEL_ID"] = settings.model_id
+    env = allocator.preloading(settings.allocator, env) or env  # run() checked that it can
     supervisor = None
     try:
         supervisor = Supervisor(settings.worker_count, listener, table, env)

@@ -91,6 +91,7 @@ def test_workers_share_a_port_replace_the_dead_and_drain_on_sigterm(
         with httpx.Client(timeout=60) as http:
             wait_until(lambda: metric(http, server.url, "chargen_workers") == 2, what="both workers")
             assert len(children(supervisor.pid)) == 2
+            assert all("tcmalloc_minimal" in Path(f"/proc/{pid}/maps").read_text() for pid in children(supervisor.pid))
             assert [p.name.startswith("chargen-metrics-") for p in tmp_path.iterdir()] == [True]
 
             # seeded text and sessions do not depend on the worker: each request a new connection
