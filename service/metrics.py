@@ -182,6 +182,11 @@ class EngineHistogram(Collector):
         self.counts[bisect_left(self.bounds, value)] += 1  # bucket "le": value <= bound
         self.sum += value
 
+    def observe_repeated(self, value: float, times: int) -> None:
+        """`observe` ``times`` times."""
+        self.counts[bisect_left(self.bounds, value)] += times
+        self.sum += value * times
+
     def buckets(self) -> list[tuple[str, float]]:
         cumulative = list(accumulate(self.counts))
         return [(floatToGoString(b), n) for b, n in zip(self.bounds, cumulative, strict=True)]

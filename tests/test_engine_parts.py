@@ -417,3 +417,34 @@ def test_outputs_end_a_row_at_a_stop_string_mid_tick_with_the_state_before_it(mo
     assert (finished.reason, finished.completion_chars, finished.chars_consumed) == ("stop", 1, len("KING") + 1)
     saved = decode_state(finished.state, model.fingerprint, model.layers, model.hidden, len(model.vocab))
     assert saved.pending == 1 and torch.equal(torch.from_numpy(saved.h), states[0][:, 0])
+
+
+def test_a_plain_rows_tick_is_taken_at_once_and_its_last_character_ends_it(model: LoadedModel) -> None:
+    scheduler, outputs, handover, _ = engine_parts(model)
+    vocab = model.vocab
+    metrics = outputs.metrics
+    rows = [make_row(model, n=6), make_row(model, n=6)]
+    for row in rows:
+        row.prompt_read(time.perf_counter())
+        row.snapshots.record(row.h_src, row.c_src, 0, 0)  # its first character, sent a second ago
+        row.sampled, row.last_char_at = 1, time.perf_counter() - 1.0
+        scheduler.rows.append(row)
+    states = [torch.randn(model.layers, 2, model.hidden) for _ in range(5)]
+    picks = [[1, 5], [2, 6], [3, 7], [4, 8]]
+    gaps_before = list(metrics.time_between_chars.counts)
+    batch = SimpleNamespace(rows=rows, feeding=[False, False], scores=None)
+    outputs.take(batch, picks, states[:4], states[1:])  # type: ignore[arg-type]
+
+    first, second = rows
+    assert first.sampled == 5 and first.outbox == "".join(vocab[i] for i in (1, 2, 3, 4))
+    assert (first.h_src, first.c_src, first.idx, first.pending) == (states[3], states[4], 0, 4)
+    assert [first.snapshots.at(p)[2:] for p in range(2, 6)] == [(0, 1), (0, 2), (0, 3), (0, 4)]
+    assert first.snapshots.at(3)[0] is states[1] and first.snapshots.at(3)[1] is states[2]
+    assert [second.snapshots.at(p)[2:] for p in range(2, 6)] == [(1, 5), (1, 6), (1, 7), (1, 8)]
+    gaps = [after - before for after, before in zip(metrics.time_between_chars.counts, gaps_before, strict=True)]
+    assert sum(gaps) == 8 and gaps[0] == 6  # per row: one gap of about a second, three of 0
+
+    outputs.take(batch, [[9, 10]], [states[0]], [states[0]])  # type: ignore[arg-type]
+    assert scheduler.rows == []  # the 6th character of each ended it
+    results = [event for event in handover.events if isinstance(event[1], Finished)]
+    assert [(f.reason, f.completion_chars) for _, f in results] == [("length", 6), ("length", 6)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from itertools import repeat
 
 from torch import Tensor
 
@@ -33,6 +34,10 @@ class Snapshots:
     def record(self, h: Tensor, c: Tensor, idx: int, pending: int) -> None:
         """The state after one more position."""
         self.states.append((h, c, idx, pending))
+
+    def record_steps(self, hs: list[Tensor], cs: list[Tensor], idx: int, picks: list[int]) -> None:
+        """The states after several more positions: step k's output and pick each."""
+        self.states.extend(zip(hs, cs, repeat(idx), picks))
 
     def at(self, position: int) -> State:
         return self.states[position - self.first]
