@@ -66,6 +66,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         multi_step_ms=settings.multi_step_ms,
         stream_window=settings.stream_window,
         flush_interval_s=settings.flush_interval_ms / 1000,
+        flush_events_per_s=settings.flush_events_per_s,
         torch_threads=settings.torch_threads,
     )
 

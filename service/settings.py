@@ -104,6 +104,12 @@ class Settings(BaseSettings):
         description="while busy, the engine hands text to the event loop at most this often (a stream's first "
         "characters and its end go out at once)",
     )
+    flush_events_per_s: float = Field(
+        800.0,
+        ge=0,
+        description="with many streams, text is handed over less often than flush_interval_ms, so that the event "
+        "loop gets at most about this many events (one per stream with new text) a second (0: no such limit)",
+    )
 
     # access and lifecycle: API keys, per-key limits, draining, stalled clients
     api_keys: SecretStr = Field(

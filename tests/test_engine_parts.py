@@ -318,6 +318,23 @@ def test_the_handover_sends_one_piece_per_row_and_results_after_their_text() -> 
     assert asyncio.run(main()) == [("two", "x"), ("two", Finished("length", 3, 3, None)), ("one", "abc")]
 
 
+def test_with_many_streams_the_handover_waits_longer_so_the_event_loop_gets_at_most_its_budget() -> None:
+    handover = Handover(lambda events: None, interval_s=0.02, events_per_s=800.0)
+    assert [handover.interval(n) for n in (0, 1, 16, 32, 64)] == [0.02, 0.02, 0.02, 0.04, 0.08]
+    assert Handover(lambda events: None, interval_s=0.02).interval(64) == 0.02  # no budget: the interval alone
+    rows = [RowStub(str(i)) for i in range(32)]
+    for row in rows:
+        handover.text(row, "a")  # type: ignore[arg-type]
+    handover._flushed_at = time.perf_counter() - 0.03
+    assert not handover.due(worked=True)  # 30 ms: due for 16 streams, not yet for 32
+    handover._flushed_at = time.perf_counter() - 0.041
+    assert handover.due(worked=True)
+    handover.flush()
+    handover.text(rows[0], "b")  # type: ignore[arg-type]
+    handover._flushed_at = time.perf_counter() - 0.021
+    assert handover.due(worked=True)  # one stream with text: the interval
+
+
 def test_a_tick_hands_over_the_text_of_earlier_ticks_just_before_its_model_call(model: LoadedModel) -> None:
     """While the call runs without the GIL the event loop writes the events; after the call this
     thread's Python then does not wait for the GIL behind it (loop.py)."""

@@ -17,4 +17,5 @@ class EngineConfig:
     multi_step_ms: float = 20.0  # ...and only as many as fit in this long a tick (a newcomer waits that long)
     stream_window: int = 128  # characters a stream may run ahead of what its client was sent
     flush_interval_s: float = 0.02  # hand text to the event loop at most this often while busy
+    flush_events_per_s: float = 800.0  # ...and less often with many streams: at most this many events a second
     torch_threads: int = 1  # intra-op threads of the engine's thread

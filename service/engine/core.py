@@ -41,7 +41,7 @@ class Engine:
         self._wake = threading.Event()
         self._open: set[StreamHandle] = set()  # submitted and not yet finished
         self._thread: threading.Thread | None = None
-        self._handover = Handover(self._deliver, config.flush_interval_s)
+        self._handover = Handover(self._deliver, config.flush_interval_s, config.flush_events_per_s)
         self.worker = EngineLoop(model, metrics, config, self._inbox, self._wake, self._handover, self._died)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -22,11 +22,18 @@ class Handover:
     tick at 64 streams held the engine to ~0.45 x its step's speed, every 25 ms to ~0.75 x. So
     text collects in each row's outbox (one piece per row per hand-over), and only a stream's
     first text and a finished row (``urgent``) go out at once.
+
+    With many streams the interval also grows so that hand-overs carry at most ``events_per_s``
+    events a second: the event loop's (and the clients') cost stays bounded however many streams
+    a worker runs, instead of growing with them. Where every core runs an engine (``--workers
+    auto``) that cost is taken from the engines: 64 streams on two workers ran x 1.067 faster with
+    text handed over every 80 ms instead of every 20 (docs/benchmarks.md).
     """
 
-    def __init__(self, deliver: Callable[[list[Event]], None], interval_s: float) -> None:
+    def __init__(self, deliver: Callable[[list[Event]], None], interval_s: float, events_per_s: float = 0.0) -> None:
         self.deliver = deliver  # runs on the event loop
         self.interval_s = interval_s
+        self.events_per_s = events_per_s  # 0: no budget, every interval_s
         self.loop: asyncio.AbstractEventLoop | None = None  # set when the engine starts
         self.events: list[Event] = []
         self.outboxes: dict[Row, None] = {}  # running rows with text in their outbox, in order
@@ -35,7 +42,16 @@ class Handover:
 
     def due(self, worked: bool) -> bool:
         """Whether to hand over now (always when the engine runs out of work)."""
-        return not worked or self.urgent or time.perf_counter() - self._flushed_at >= self.interval_s
+        if not worked or self.urgent:
+            return True
+        return time.perf_counter() - self._flushed_at >= self.interval(len(self.outboxes))
+
+    def interval(self, streams: int) -> float:
+        """How long text waits between hand-overs while `streams` streams have some: interval_s,
+        or longer where that would hand the event loop more than events_per_s events a second."""
+        if self.events_per_s <= 0:
+            return self.interval_s
+        return max(self.interval_s, streams / self.events_per_s)
 
     def text(self, row: Row, text: str) -> None:
         """Released text of a running row."""
