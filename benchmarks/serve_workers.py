@@ -37,11 +37,12 @@ from serve_throughput import ROOT, Redis, Service, median, percentile, run_burst
 PROMPT = "ROMEO:\n"
 
 
-async def closed_loop_client(host: str, port: int, body: bytes, until: float) -> int:
-    """Requests one after another on one keep-alive connection until `until`: characters received."""
+async def closed_loop_client(host: str, port: int, body: bytes, until: float, path: str = "/v1/generate") -> int:
+    """Requests one after another on one keep-alive connection until `until`: characters received
+    (the reply's ``text``; `path` another server's route, as torchserve_compare.py does)."""
     reader, writer = await asyncio.open_connection(host, port)
     head = (
-        f"POST /v1/generate HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     chars = 0
@@ -63,11 +64,12 @@ async def closed_loop_client(host: str, port: int, body: bytes, until: float) ->
     return chars
 
 
-async def clients_rate(url: str, clients: int, chars: int, seconds: float) -> float:
+async def clients_rate(url: str, clients: int, chars: int, seconds: float, path: str = "/v1/generate") -> float:
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"prompt": PROMPT, "max_new_chars": chars, "temperature": 1.0}).encode()
     start = time.perf_counter()
-    got = await asyncio.gather(*(closed_loop_client(host, int(port), body, start + seconds) for _ in range(clients)))
+    until = start + seconds
+    got = await asyncio.gather(*(closed_loop_client(host, int(port), body, until, path) for _ in range(clients)))
     return sum(got) / (time.perf_counter() - start)
 
 

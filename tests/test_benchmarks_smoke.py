@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -114,3 +115,26 @@ def test_serve_workers_runs_one_worker_against_two(tiny_artifact: Path, tmp_path
     assert "1 worker chars/s" in stdout and "workers 2 chars/s" in stdout
     summary = json.loads(out.read_text())["summary"]
     assert set(summary["chars_per_s"]) == {"1", "2"} and set(summary["ttfc_ms"]) == {"2"}
+
+
+def test_the_torchserve_handler_answers_a_batch_with_each_requests_characters(tiny_artifact: Path) -> None:
+    """benchmarks/torchserve/handler.py, called as TorchServe calls it (no TorchServe needed)."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "torchserve"))
+    try:
+        import handler  # type: ignore[import-not-found]
+    finally:
+        sys.path.pop(0)
+
+    context = SimpleNamespace(
+        system_properties={"model_dir": str(tiny_artifact.parent)},
+        manifest={"model": {"serializedFile": tiny_artifact.name}},
+    )
+    handler._generator = None
+    assert handler.handle(None, context) is None  # start-up: loads the model
+    bodies = [
+        {"body": json.dumps({"prompt": PROMPT, "max_new_chars": 7, "temperature": 1.0}).encode()},
+        {"body": {"prompt": "the", "max_new_chars": 3, "temperature": 0.5}},  # TorchServe's decoded JSON
+    ]
+    texts = [reply["text"] for reply in handler.handle(bodies, context)]
+    vocab = set(handler._generator.vocab)
+    assert [len(text) for text in texts] == [7, 3] and set("".join(texts)) <= vocab

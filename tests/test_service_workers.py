@@ -185,10 +185,25 @@ def test_the_load_table_compares_live_workers_only(tmp_path: Path) -> None:
     table.close()
 
 
+def load_table(table: Path) -> tuple[list[int], list[float]]:
+    """Each live worker's open connections and the seconds since its last heartbeat, read from the
+    workers' own load table (no connection of ours among them)."""
+    loads = LoadTable(table)
+    try:
+        live = [(count, beat) for count, beat in map(loads.read, range(loads.slots)) if count >= 0]
+    finally:
+        loads.close()
+    return [count for count, _ in live], [(now_ms() - beat) / 1000 for _, beat in live]
+
+
 def test_workers_take_turns_and_one_that_stops_is_left_out(tiny_artifact: Path, redis_proc: RedisExecutor) -> None:
     """20 connections opened one after another split 10/10 (the kernel's hash or a race would
     rarely give that); with one worker stopped (SIGSTOP), the other takes every new connection
-    once the stopped one's heartbeat is a second old."""
+    once the stopped one's heartbeat is a second old.
+
+    A worker starved of the CPU for a second (a loaded CI machine) is rightly left out like a
+    stopped one, and the split is then not the rule's: such an attempt is retried, and only
+    attempts during which every heartbeat stayed fresh are judged."""
     state = dict(state_url=f"redis://{redis_proc.host}:{redis_proc.port}/0", redis_prefix=f"b{secrets.token_hex(3)}:")
     server = ServerProcess(tiny_artifact, workers=2, **state)
     server.start()
@@ -196,11 +211,25 @@ def test_workers_take_turns_and_one_that_stops_is_left_out(tiny_artifact: Path, 
     clients: list[httpx.Client] = []
     try:
         wait_until(lambda: len(worker_connections(server.url)) == 2, what="both workers")
-        wait_until(lambda: sum(worker_connections(server.url).values()) == 1, what="idle workers")
-        for _ in range(20):  # each a keep-alive connection of its own, kept open
-            client = httpx.Client(timeout=10)
-            clients.append(client)
-            assert client.get(server.url + "/healthz").status_code == 200
+        table = Path(Path(f"/proc/{children(server.proc.pid)[0]}/cmdline").read_bytes().split(b"\0")[-2].decode())
+        for _attempt in range(3):
+            for client in clients:
+                client.close()
+            clients.clear()
+            wait_until(lambda: load_table(table)[0] == [0, 0], what="idle workers")  # our scrapes closed too
+            fresh, spread = True, []
+            for _ in range(20):  # each a keep-alive connection of its own, kept open
+                fresh = fresh and max(load_table(table)[1]) < STALE_S / 2
+                client = httpx.Client(timeout=10)
+                clients.append(client)
+                assert client.get(server.url + "/healthz").status_code == 200
+                counts, ages = load_table(table)
+                fresh = fresh and max(ages) < STALE_S / 2
+                spread.append(max(counts) - min(counts))
+            if fresh:
+                break
+        assert fresh, "a worker's heartbeat went stale in every attempt: the machine was starved"
+        assert spread == [1, 0] * 10  # they took turns, connection by connection
         assert sorted(worker_connections(server.url).values()) == [10.0, 11.0]  # 11: the scrape's own
 
         stopped = children(server.proc.pid)[0]
