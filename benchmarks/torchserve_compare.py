@@ -78,7 +78,9 @@ class TorchServe:
         body = {"prompt": "ROMEO:\n", "max_new_chars": 5}
         while True:  # ready when a prediction comes back
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"torchserve_compare: TorchServe did not start; see {self.dir / 'torchserve.log'}")
+                tail = (self.dir / "torchserve.log").read_text(errors="replace")[-3000:]
+                self.__exit__()  # its Java front end and workers would outlive this script otherwise
+                raise SystemExit(f"torchserve_compare: TorchServe did not start; the end of its log:\n{tail}")
             try:
                 if httpx.post(self.url + "/predictions/chargen", json=body, timeout=5).status_code == 200:
                     return self
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.torchserve is None or not Path(args.torchserve).exists():
         parser.error("no torchserve executable: pip install torchserve torch-model-archiver, or pass --torchserve")
+    if not Path(args.torchserve).with_name("torch-model-archiver").exists():
+        parser.error(f"no torch-model-archiver beside {args.torchserve}: pip install torch-model-archiver there")
     levels = [int(x) for x in args.clients.split(",")]
     ours: dict[int, list[float]] = {n: [] for n in levels}
     theirs: dict[int, list[float]] = {n: [] for n in levels}
